@@ -1,0 +1,46 @@
+"""hpcml: train and run ML models as fast as the hardware allows, and prove it.
+
+    import hpcml
+    run = hpcml.train({"data": {"name": "digits"}, "model": {"name": "cnn2d"}, "epochs": 20})
+    print(run.report["test_accuracy"], run.dir)
+    model = hpcml.load_model(run.dir / "model")
+    hpcml.predict(model, x)
+
+Submodules are imported on first use, so `import hpcml` stays fast (no torch until needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from hpcml._version import __version__
+from hpcml.errors import HpcmlError, UsageError
+
+__all__ = [
+    "__version__", "HpcmlError", "UsageError",
+    "train", "evaluate", "predict", "load_model", "Run", "Model",
+    "TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "load_config",
+]
+
+_LAZY = {
+    "train": "hpcml.training.run", "Run": "hpcml.training.run",
+    "evaluate": "hpcml.api", "predict": "hpcml.api",
+    "load_model": "hpcml.models.io", "Model": "hpcml.models.io",
+    "TrainConfig": "hpcml.config", "DataConfig": "hpcml.config", "ModelConfig": "hpcml.config",
+    "OptimConfig": "hpcml.config", "load_config": "hpcml.config",
+}
+
+if TYPE_CHECKING:
+    from hpcml.api import evaluate, predict
+    from hpcml.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
+    from hpcml.models.io import Model, load_model
+    from hpcml.training.run import Run, train
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hpcml' has no attribute {name!r}")

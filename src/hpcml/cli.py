@@ -1,0 +1,209 @@
+"""The `hpcml` command: parse flags -> Config -> call the Python API. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+
+from hpcml._version import __version__
+from hpcml.errors import HpcmlError, UsageError
+
+app = typer.Typer(
+    name="hpcml",
+    help="Train and run ML models as fast as the hardware allows, and prove it.\n\n"
+    "Examples:\n\n"
+    "  hpcml train                                  # cnn1d on MNIST-1D\n\n"
+    "  hpcml train --data digits --model cnn2d --json\n\n"
+    "  hpcml evaluate runs/demo/model --data mnist1d",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_STATE = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"hpcml {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _STATE["debug"] = debug
+
+
+def _parse_pairs(pairs: list[str], flag: str) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag} expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="hpcml train", show_header=False, title_justify="left")
+    t.add_row("test accuracy", f"{report['test_accuracy']:.4f}")
+    t.add_row("test loss", f"{report['test_loss']:.4f}")
+    t.add_row("epochs / steps", f"{report['epochs']} / {report['steps']}")
+    t.add_row("training time", f"{report['train_seconds']:.2f} s (wall {report['wall_seconds']:.2f} s)")
+    if report.get("target_accuracy") is not None:
+        ttt = report["time_to_target_seconds"]
+        t.add_row(f"time to {report['target_accuracy']:.2%}", "not reached" if ttt is None else f"{ttt:.2f} s")
+    t.add_row("samples/s", f"{report['samples_per_second']:,.0f}")
+    t.add_row("model / data", f"{report['model']} on {report['data']['name']}")
+    t.add_row("optimizer", f"{report['optimizer']} (batch {report['global_batch_size']}"
+              + (", full batch)" if report["full_batch"] else ")"))
+    t.add_row("device", f"{report['device']} · {report['precision']} · {report['threads']} threads"
+              + (" · compiled" if report["compile"] else ""))
+    t.add_row("run dir", str(run_dir))
+    Console().print(t)
+
+
+@app.command(
+    help="Train a model and write a run dir (config.yaml, metrics.jsonl, report.json, curves.png, model/).\n\n"
+    "Examples:\n\n"
+    "  hpcml train\n\n"
+    "  hpcml train --data digits --model cnn2d --epochs 30\n\n"
+    "  hpcml train --optimizer gd --lr 0.5 --epochs 200       # full-batch gradient descent\n\n"
+    "  hpcml train --data synthetic --rows 100000 --features 64 --classes 8 --model mlp --model-kw hidden=512\n\n"
+    "  hpcml train --config runs/X/config.yaml                # re-run a past run exactly",
+    no_args_is_help=False,
+)
+def train(
+    config: Annotated[Path | None, typer.Option(help="YAML config (e.g. a run's config.yaml); flags override it.")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset: mnist1d, digits or synthetic.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model: auto, mlp, cnn1d, cnn2d.")] = None,
+    model_kw: Annotated[list[str] | None, typer.Option("--model-kw", help="Model argument KEY=VALUE (repeatable).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd, adam, adamw, or gd (full-batch gradient descent).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (peak lr for onecycle).")] = None,
+    momentum: Annotated[float | None, typer.Option(help="Momentum for sgd/gd.")] = None,
+    nesterov: Annotated[bool | None, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (sgd).")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="constant, cosine or onecycle.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing in [0, 1).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed: same seed, same weights (CPU).")] = None,
+    target_accuracy: Annotated[float | None, typer.Option(help="Stop once test accuracy reaches this.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
+    compile: Annotated[str | None, typer.Option(help="auto, on or off (torch.compile).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all available cores).")] = None,
+    rows: Annotated[int | None, typer.Option(help="synthetic: rows.")] = None,
+    features: Annotated[int | None, typer.Option(help="synthetic: features.")] = None,
+    classes: Annotated[int | None, typer.Option(help="synthetic: classes.")] = None,
+    layout: Annotated[str | None, typer.Option(help="digits: image (1x8x8) or flat (64 features).")] = None,
+    normalize: Annotated[str | None, typer.Option(help="standard, minmax or none (fitted on train).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any config field, dotted: --set optim.warmup_fraction=0.1")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run dir (default runs/<time>-<model>-<data>).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print report.json on stdout.")] = False,
+) -> None:
+    from hpcml.config import TrainConfig, build_config, merge
+
+    flags = {
+        "data.name": data, "data.rows": rows, "data.features": features, "data.classes": classes,
+        "data.layout": layout, "data.normalize": normalize,
+        "model.name": model, "optim.name": optimizer, "optim.lr": lr, "optim.momentum": momentum,
+        "optim.nesterov": nesterov, "optim.weight_decay": weight_decay, "optim.schedule": schedule,
+        "epochs": epochs, "batch_size": batch_size, "label_smoothing": label_smoothing, "seed": seed,
+        "target_accuracy": target_accuracy, "precision": precision, "compile": compile, "device": device,
+        "threads": threads,
+    }
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if model_kw:
+        overrides["model.kwargs"] = _parse_pairs(model_kw, "--model-kw")
+    overrides.update(_parse_pairs(set_ or [], "--set"))
+    if config is not None:
+        from hpcml.config import load_config
+
+        base = load_config(config).model_dump(mode="json")
+        if "model.name" in overrides and "model.kwargs" not in overrides:
+            base["model"]["kwargs"] = {}  # kwargs belong to the model they were written for
+    else:
+        base = TrainConfig().model_dump(mode="json", exclude_unset=True)
+    cfg = build_config(merge(base, overrides), source="config" if config is None else str(config))
+
+    from hpcml.training.run import train as run_train
+
+    run = run_train(cfg, out=out, quiet=quiet or json_)
+    if json_:
+        typer.echo(json.dumps(run.report, indent=2))
+    elif not quiet:
+        _print_summary(run.report, run.dir)
+
+
+@app.command(
+    help="Evaluate a saved model dir on the test split of a dataset.\n\n"
+    "Example:\n\n  hpcml evaluate runs/demo/model --data mnist1d --json",
+)
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="A model dir (model.safetensors + model.json).")],
+    data: Annotated[str, typer.Option(help="Dataset: mnist1d, digits or synthetic.")] = "mnist1d",
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    from hpcml.api import evaluate as api_evaluate
+    from hpcml.config import DataConfig
+
+    result = api_evaluate(model_dir, DataConfig(name=data))
+    if json_:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(f"{result['model']} on {result['data']} ({result['rows']} rows): "
+                   f"test accuracy {result['test_accuracy']:.4f}, test loss {result['test_loss']:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point. Usage errors exit 2, runtime failures 1; no traceback unless --debug."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="hpcml", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:  # bad flag, missing argument, wrong type: exit 2
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except HpcmlError as e:
+        if _STATE["debug"]:
+            raise
+        label = "usage error" if isinstance(e, UsageError) else "error"
+        typer.echo(f"hpcml: {label}: {e}", err=True)
+        return e.exit_code
+    except Exception as e:  # a bug or an environment failure: still no bare traceback by default
+        if _STATE["debug"]:
+            raise
+        typer.echo(f"hpcml: error: {type(e).__name__}: {e} (re-run with --debug for the traceback)", err=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

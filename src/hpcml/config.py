@@ -1,0 +1,150 @@
+"""Typed configs, one per component, and YAML load/dump.
+
+The same `TrainConfig` drives the CLI, the Python API, a sweep job and a DDP rank. The file written to a
+run dir (`config.yaml`) is the fully resolved config and re-runs the same training as is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hpcml.errors import UsageError
+
+__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "load_config", "dump_config"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "gd")
+SCHEDULES = ("constant", "cosine", "onecycle")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the data comes from. `name` is a built-in dataset (see `hpcml.data.list_datasets()`)."""
+
+    name: str = "mnist1d"
+    layout: Literal["auto", "flat", "image"] = Field(
+        "auto", description="digits: 'image' gives 1x8x8 inputs, 'flat' 64 features; auto = image"
+    )
+    normalize: Literal["standard", "minmax", "none"] = "standard"
+    # synthetic only
+    rows: int = Field(10_000, gt=0, description="synthetic: number of rows")
+    features: int = Field(32, gt=0, description="synthetic: number of features")
+    classes: int = Field(4, ge=2, description="synthetic: number of classes")
+    data_seed: int = Field(0, description="synthetic: generation seed")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="synthetic: share of rows held out")
+
+
+class ModelConfig(_Strict):
+    """An architecture from the registry (`hpcml.models.list_models()`) and its keyword arguments."""
+
+    name: str = "auto"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from hpcml.models.registry import MODEL_NAMES
+
+        if v != "auto" and v not in MODEL_NAMES:
+            raise ValueError(f"unknown model {v!r}; valid: auto, {', '.join(MODEL_NAMES)}")
+        return v
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw", "gd"] = "adamw"
+    lr: float = Field(1e-2, gt=0)
+    momentum: float | None = Field(None, ge=0, lt=1, description="sgd/gd; default 0.9 for sgd, 0 for gd")
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine", "onecycle"] = "cosine"
+    warmup_fraction: float = Field(0.25, ge=0, lt=1, description="onecycle: share of steps warming up")
+
+    @model_validator(mode="after")
+    def _resolve_momentum(self) -> OptimConfig:
+        # Resolved here, not at build time, so config.yaml holds the value used and re-runs identically.
+        if self.momentum is None and self.name in ("sgd", "gd"):
+            self.momentum = 0.9 if self.name == "sgd" else 0.0
+        return self
+
+
+class TrainConfig(_Strict):
+    """Everything that decides what a training run computes."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(100, gt=0, description="per-process batch; ignored by the gd optimizer")
+    eval_batch_size: int = Field(8192, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="stop once test accuracy >= this")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    device: str = "auto"
+    threads: int | None = Field(None, gt=0, description="torch threads per process; default: cores / procs")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"unknown device {v!r}; valid: auto, cpu, cuda, cuda:N")
+        return v
+
+
+def format_validation_error(err: ValidationError, *, source: str = "config") -> str:
+    """One line per bad field, naming it as a user would write it (`optim.lr`)."""
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"{source}: {field}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def build_config(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    """Validate a nested dict into a TrainConfig, raising UsageError naming each bad field."""
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as err:
+        raise UsageError(format_validation_error(err, source=source)) from None
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise UsageError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
+    return build_config(values, source=str(path))
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `overrides` (dotted keys allowed: 'optim.lr') into a copy of `base`."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in overrides.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"cannot set {key}: {p} is not a section")
+        node[leaf] = value
+    return out

@@ -1,0 +1,169 @@
+"""The model dir: `model.safetensors` + `model.json`. No pickle; only registry names are built.
+
+model.json holds the architecture name and kwargs, input shape, classes, preprocessing stats and the
+sha256 of the weights file, which is checked on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpcml.data.preprocess import Normalizer
+from hpcml.errors import HpcmlError, UsageError
+from hpcml.models.registry import MODEL_NAMES, create_model
+
+FORMAT = "hpcml.model/1"
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Model:
+    """A trained model ready to predict: the module, its preprocessing, and its metadata."""
+
+    def __init__(self, module: nn.Module, meta: dict[str, Any]):
+        self.module = module.eval()
+        self.meta = meta
+        self.normalizer = Normalizer.from_json(meta["preprocessing"])
+        self.classes: list[str] = list(meta["classes"])
+        self.input_shape: tuple[int, ...] = tuple(meta["input_shape"])
+
+    def __repr__(self) -> str:
+        return f"Model({self.meta['architecture']}, input_shape={self.input_shape}, classes={len(self.classes)})"
+
+    def _prepare(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        x = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if x.shape[1:] != self.input_shape:
+            flat = int(np.prod(self.input_shape))
+            if x.ndim >= 2 and int(np.prod(x.shape[1:])) == flat:
+                x = x.reshape(len(x), *self.input_shape)
+            else:
+                raise UsageError(
+                    f"input has shape {x.shape[1:]} per row but the model expects {self.input_shape}"
+                )
+        if not np.issubdtype(x.dtype, np.number):
+            raise UsageError(f"input must be numeric, got dtype {x.dtype}")
+        return self.normalizer(x.astype(np.float32, copy=False))
+
+    @torch.inference_mode()
+    def logits(self, x, *, batch_size: int = 65536) -> torch.Tensor:
+        xs = torch.from_numpy(self._prepare(x))
+        device = next(self.module.parameters()).device
+        out = [self.module(xs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(xs), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, len(self.classes))
+
+    def predict_proba(self, x, *, batch_size: int = 65536) -> np.ndarray:
+        return torch.softmax(self.logits(x, batch_size=batch_size), dim=1).numpy()
+
+    def predict(self, x, *, batch_size: int = 65536) -> np.ndarray:
+        """Class indices (into `self.classes`) for each row of x."""
+        return self.logits(x, batch_size=batch_size).argmax(1).numpy()
+
+
+def save_model(out: str | Path, module: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write the model dir atomically: a temporary sibling folder, fsynced, renamed into place.
+
+    A crash at any point leaves either no `out` or a complete one, never a half-written dir.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+        weights = tmp / "model.safetensors"
+        save_file(state, str(weights), metadata={"format": FORMAT})
+        meta = {"format": FORMAT, **meta, "weights_sha256": sha256_file(weights)}
+        (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UsageError(
+            f"{path}: refusing to load a pickle-based file ({path.suffix}). Unpickling can run arbitrary "
+            "code, so hpcml never does it. If you trust this file, convert it yourself in a separate, "
+            "trusted session, e.g. `safetensors.torch.save_file(torch.load(path, weights_only=True), "
+            "'model.safetensors')`, and load that instead."
+        )
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Model:
+    """Load a model dir, verifying the weights' sha256 against model.json."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    refuse_pickle(path)
+    meta_path, weights = path / "model.json", path / "model.safetensors"
+    if not path.is_dir():
+        raise UsageError(f"{path}: not a model dir (expected a folder with model.json + model.safetensors)")
+    for f in (meta_path, weights):
+        if not f.exists():
+            raise HpcmlError(f"{path}: incomplete model dir, {f.name} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise HpcmlError(f"{meta_path}: not valid JSON ({err})") from None
+    for key in ("architecture", "kwargs", "input_shape", "classes", "preprocessing", "weights_sha256"):
+        if key not in meta:
+            raise HpcmlError(f"{meta_path}: missing field {key!r}")
+    if meta["architecture"] not in MODEL_NAMES:
+        raise HpcmlError(
+            f"{meta_path}: architecture {meta['architecture']!r} is not a registered hpcml model "
+            f"({', '.join(MODEL_NAMES)}); hpcml does not import code named in a model file"
+        )
+    digest = sha256_file(weights)
+    if digest != meta["weights_sha256"]:
+        raise HpcmlError(
+            f"{weights}: sha256 mismatch (file {digest[:12]}..., model.json says "
+            f"{meta['weights_sha256'][:12]}...): the weights are corrupt or were modified"
+        )
+    module = create_model(
+        meta["architecture"], input_shape=tuple(meta["input_shape"]), num_classes=meta["num_outputs"],
+        **meta["kwargs"],
+    )
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as err:
+        raise HpcmlError(f"{weights}: unreadable safetensors file ({err})") from None
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise HpcmlError(f"{weights}: weights do not fit {meta['architecture']}: {err}") from None
+    return Model(module.to(device), meta)

@@ -1,0 +1,1 @@
+"""The training loop, optimizers, precision/compile choice, checkpoints and run reports."""
