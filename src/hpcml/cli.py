@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from hpcml._version import __version__
@@ -77,8 +76,8 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
               + (", full batch)" if report["full_batch"] else ")"))
     t.add_row("device", f"{report['device']} · {report['precision']} · {report['threads']} threads"
               + (" · compiled" if report["compile"] else ""))
-    t.add_row("run dir", str(run_dir))
     Console().print(t)
+    typer.echo(f"run dir: {run_dir}")  # plain, never wrapped: people copy it
 
 
 @app.command(
@@ -181,14 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = command.main(args=argv, prog_name="hpcml", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:  # bad flag, missing argument, wrong type: exit 2
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
+    except typer.TyperException as e:  # bad flag, missing argument, wrong type: exit 2
+        if hasattr(e, "show"):
+            e.show()
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130

@@ -1,0 +1,45 @@
+"""Shared test setup: a per-session dataset cache, small configs, a CLI runner in a real process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    # Generated datasets (MNIST-1D takes a few seconds) are cached once per session, not in $HOME.
+    path = os.environ.get("HPCML_TEST_CACHE") or str(tmp_path_factory.mktemp("hpcml-cache"))
+    os.environ["HPCML_CACHE_DIR"] = path
+    yield path
+
+
+@pytest.fixture
+def small_cfg() -> dict:
+    """A tiny, fast classification run (synthetic tabular data, MLP)."""
+    return {
+        "data": {"name": "synthetic", "rows": 600, "features": 8, "classes": 3},
+        "model": {"name": "mlp", "kwargs": {"hidden": 32}},
+        "epochs": 3,
+        "batch_size": 64,
+        "threads": 1,
+    }
+
+
+def _run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hpcml.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@pytest.fixture
+def cli():
+    """Run the real `hpcml` console entry point in a fresh process: cli("train", "--json")."""
+    return _run_cli

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from hpcml.errors import UsageError
+from hpcml.models import create_model, default_model_for, list_models
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("mlp", (20,)), ("mlp", (1, 8, 8)), ("cnn1d", (1, 40)), ("cnn1d", (40,)), ("cnn2d", (1, 8, 8)), ("cnn2d", (3, 16, 16))],
+)
+def test_forward_backward(name, shape):
+    torch.manual_seed(0)
+    model = create_model(name, input_shape=shape, num_classes=7)
+    x = torch.randn(5, *shape)
+    out = model(x)
+    assert out.shape == (5, 7)
+    out.logsumexp(1).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_registry_and_defaults():
+    assert list_models() == ["mlp", "cnn1d", "cnn2d"]
+    assert default_model_for("sequence") == "cnn1d"
+    assert default_model_for("image") == "cnn2d"
+    assert default_model_for("tabular") == "mlp"
+    assert create_model("cnn1d", input_shape=(1, 40), num_classes=10).head.in_features == 64 * 5
+
+
+def test_bad_model_inputs():
+    with pytest.raises(UsageError, match="unknown model 'resnet'; valid: mlp, cnn1d, cnn2d"):
+        create_model("resnet", input_shape=(4,), num_classes=2)
+    with pytest.raises(UsageError, match="cnn2d needs inputs of 2 or 3 dims"):
+        create_model("cnn2d", input_shape=(40,), num_classes=2)
+    with pytest.raises(UsageError, match="unexpected keyword argument 'widht'"):
+        create_model("mlp", input_shape=(4,), num_classes=2, widht=3)
