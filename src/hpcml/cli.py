@@ -87,7 +87,9 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     "  hpcml train --data digits --model cnn2d --epochs 30\n\n"
     "  hpcml train --optimizer gd --lr 0.5 --epochs 200       # full-batch gradient descent\n\n"
     "  hpcml train --data synthetic --rows 100000 --features 64 --classes 8 --model mlp --model-kw hidden=512\n\n"
-    "  hpcml train --config runs/X/config.yaml                # re-run a past run exactly",
+    "  hpcml train --config runs/X/config.yaml                # re-run a past run exactly\n\n"
+    "  hpcml train --nproc 2 --batch-size 50                  # data parallel, 2 ranks x 50 = global 100\n\n"
+    "  hpcml train --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500 --nproc 8   # on each node",
     no_args_is_help=False,
 )
 def train(
@@ -115,6 +117,12 @@ def train(
     classes: Annotated[int | None, typer.Option(help="synthetic: classes.")] = None,
     layout: Annotated[str | None, typer.Option(help="digits: image (1x8x8) or flat (64 features).")] = None,
     normalize: Annotated[str | None, typer.Option(help="standard, minmax or none (fitted on train).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step (no_sync between).")] = None,
+    nproc: Annotated[int, typer.Option(help="Data-parallel ranks on this node (torch.distributed, gloo/NCCL).")] = 1,
+    nnodes: Annotated[int, typer.Option(help="Number of nodes (machines) in the job.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's index, 0..nnodes-1.")] = 0,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of node 0 for multi-node (default 127.0.0.1:free port).")] = None,
+    max_restarts: Annotated[int, typer.Option(help="Restart the rank group this often after a failure.")] = 0,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any config field, dotted: --set optim.warmup_fraction=0.1")] = None,
     out: Annotated[Path | None, typer.Option(help="Run dir (default runs/<time>-<model>-<data>).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
@@ -129,7 +137,7 @@ def train(
         "optim.nesterov": nesterov, "optim.weight_decay": weight_decay, "optim.schedule": schedule,
         "epochs": epochs, "batch_size": batch_size, "label_smoothing": label_smoothing, "seed": seed,
         "target_accuracy": target_accuracy, "precision": precision, "compile": compile, "device": device,
-        "threads": threads,
+        "threads": threads, "grad_accum": grad_accum,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if model_kw:
@@ -147,8 +155,11 @@ def train(
 
     from hpcml.training.run import train as run_train
 
-    run = run_train(cfg, out=out, quiet=quiet or json_)
-    if json_:
+    run = run_train(cfg, out=out, quiet=quiet or json_, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
+                    rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)
+    if run is None:  # a node other than rank 0's: that node writes the run dir
+        typer.echo(f"node {node_rank}: done (the node of rank 0 writes the run dir)", err=True)
+    elif json_:
         typer.echo(json.dumps(run.report, indent=2))
     elif not quiet:
         _print_summary(run.report, run.dir)
@@ -172,6 +183,11 @@ def evaluate(
     else:
         typer.echo(f"{result['model']} on {result['data']} ({result['rows']} rows): "
                    f"test accuracy {result['test_accuracy']:.4f}, test loss {result['test_loss']:.4f}")
+
+
+from hpcml.cli_data import data_app  # noqa: E402  (the `hpcml data` group; imports nothing heavy)
+
+app.add_typer(data_app, name="data")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,7 @@ class TrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     epochs: int = Field(30, gt=0)
     batch_size: int = Field(100, gt=0, description="per-process batch; ignored by the gd optimizer")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step (global batch x K)")
     eval_batch_size: int = Field(8192, gt=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     seed: int = 0

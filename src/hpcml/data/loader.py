@@ -1,46 +1,90 @@
-"""Device-resident batches: the whole split is one tensor on the device and a batch is a slice.
+"""Device-resident batches: the whole split is one tensor on the device and batches are slices.
 
-No DataLoader workers, no per-sample indexing, no collation: per epoch one seeded permutation gathers
-the split once, then every batch is a contiguous view. The order is a pure function of
-(seed, epoch), so a run can be resumed at any (epoch, step) and ranks can take disjoint shards.
+No DataLoader workers, no per-sample indexing, no collation. Per epoch one seeded permutation of the
+whole training set (a pure function of seed and epoch, identical on every rank and machine) is cut
+into global steps of `batch_size * world_size * accum` samples. Each global step is split into
+`world_size * accum` near-equal chunks; rank r takes chunks r, r + world, ... as its micro-batches.
+The rank's rows for the whole epoch are gathered once, so every micro-batch is a contiguous view.
+
+Exactness rule (no padding, no dropping): every sample is used exactly once per epoch across ranks.
+When the last global step is short, chunks differ in size by at most one, and each micro-batch's loss
+is weighted by `n_local * world / n_step` so that DDP's gradient average equals the gradient of the
+mean over the whole global step, exactly as one process with the global batch would compute it. A
+rank left without samples in that last step runs one zero-weighted sample so collectives still match.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Micro:
+    x: torch.Tensor
+    y: torch.Tensor
+    weight: float  # loss multiplier; 1.0 for a full step on one process, 0.0 for a padding sample
+    count: int  # real samples in this micro-batch (0 for padding)
 
 
 class DeviceBatches:
     def __init__(
         self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, shuffle: bool = True, seed: int = 0,
+        rank: int = 0, world_size: int = 1, accum: int = 1,
     ):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
         self.x, self.y = x, y
-        self.batch_size = min(batch_size, len(x))
+        self.rank, self.world_size, self.accum = rank, world_size, accum
+        self.batch_size = max(1, min(batch_size, len(x) // (world_size * accum) or 1))
+        self.global_batch = self.batch_size * world_size * accum
         self.shuffle = shuffle
         self.seed = seed
 
     def __len__(self) -> int:
-        """Batches per epoch; the last one may be smaller (every sample is used once per epoch)."""
-        return -(-len(self.x) // self.batch_size)
+        """Optimizer steps per epoch."""
+        return -(-len(self.x) // self.global_batch)
 
     def order(self, epoch: int) -> torch.Tensor:
-        """The sample order of `epoch`, a CPU int64 tensor; identical on every machine and rank."""
+        """The global sample order of `epoch`, a CPU int64 tensor; identical on every rank."""
         if not self.shuffle:
             return torch.arange(len(self.x))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.x), generator=g)
 
-    def epoch(self, epoch: int, *, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of `epoch`, beginning at batch index `start` (for mid-epoch resume)."""
-        if self.shuffle:
-            idx = self.order(epoch).to(self.x.device, non_blocking=True)
-            x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
-        else:
-            x, y = self.x, self.y
-        b = self.batch_size
-        for i in range(start * b, len(x), b):
-            yield x[i : i + b], y[i : i + b]
+    def plan(self, epoch: int) -> list[list[tuple[torch.Tensor, float]]]:
+        """This rank's (indices, weight) micro-batches for each step of `epoch` (CPU, host-side)."""
+        order = self.order(epoch)
+        parts = self.world_size * self.accum
+        steps = []
+        for s in range(0, len(order), self.global_batch):
+            block = order[s : s + self.global_batch]
+            chunks = torch.tensor_split(block, parts)
+            micro = []
+            for j in range(self.accum):
+                idx = chunks[j * self.world_size + self.rank]
+                if len(idx) == 0:  # short last step: keep collectives in lockstep with a zero weight
+                    micro.append((block[:1], 0.0))
+                else:
+                    micro.append((idx, len(idx) * self.world_size / len(block)))
+            steps.append(micro)
+        return steps
+
+    def epoch(self, epoch: int, *, start: int = 0) -> Iterator[list[Micro]]:
+        """The micro-batches of each step of `epoch`, beginning at step `start` (mid-epoch resume)."""
+        plan = self.plan(epoch)[start:]
+        if not plan:
+            return
+        flat = [idx for step in plan for idx, _ in step]
+        idx = torch.cat(flat).to(self.x.device, non_blocking=True)
+        x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)  # one gather per epoch
+        pos = 0
+        for step in plan:
+            micro = []
+            for ids, w in step:
+                n = len(ids)
+                micro.append(Micro(x[pos : pos + n], y[pos : pos + n], w, n if w > 0 else 0))
+                pos += n
+            yield micro

@@ -6,6 +6,7 @@ read once per epoch by the caller.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import torch
@@ -26,16 +27,20 @@ class EpochStats:
         self.correct += (logits.detach().argmax(1) == y).sum()
         self.count += n
 
-    def read(self) -> tuple[float, float]:
-        # note: a host-device sync, once per epoch
-        vals = torch.stack([self.loss, self.correct.to(self.loss.dtype)]).tolist()
-        n = max(self.count, 1)
-        return vals[0] / n, vals[1] / n
+    def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
+        """Mean loss and accuracy; `reduce` sums the totals across ranks (an all-reduce)."""
+        totals = torch.stack([self.loss.double(), self.correct.double(),
+                              torch.tensor(float(self.count), dtype=torch.float64, device=self.loss.device)])
+        if reduce is not None:
+            totals = reduce(totals)
+        loss, correct, count = totals.tolist()  # note: a host-device sync, once per epoch
+        count = max(count, 1.0)
+        return loss / count, correct / count
 
 
 def train_epoch(
     model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    steps: Iterable[list],
     *,
     optimizer: torch.optim.Optimizer,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -44,29 +49,41 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
     stats: EpochStats,
     on_step: Callable[[int], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> int:
-    """One pass over `batches`, one optimizer step per batch. Returns the number of steps taken."""
+    """One pass over `steps` (each a list of `Micro` batches), one optimizer step per item.
+
+    With several micro-batches (gradient accumulation) the gradient all-reduce of a DDP model runs
+    only on the last one (`no_sync` on the others). Returns the number of optimizer steps taken.
+    """
     model.train()
-    steps = 0
-    for x, y in batches:
-        with autocast:
-            logits = model(x)
-            loss = loss_fn(logits, y)
+    n_steps = 0
+    no_sync = getattr(model, "no_sync", None)
+    for micro in steps:
+        if before_step is not None:
+            before_step(n_steps)
+        last = len(micro) - 1
+        for j, mb in enumerate(micro):
+            with no_sync() if (no_sync is not None and j < last) else contextlib.nullcontext():
+                with autocast:
+                    logits = model(mb.x)
+                    loss = loss_fn(logits, mb.y)
+                scaled = loss if mb.weight == 1.0 else loss * mb.weight
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            if mb.count:
+                stats.add(loss, logits, mb.y)
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if schedule is not None:
             schedule.step()
-        stats.add(loss, logits, y)
-        steps += 1
+        n_steps += 1
         if on_step is not None:
-            on_step(y.shape[0])
-    return steps
+            on_step(n_steps)
+    return n_steps
 
 
 def full_batch_step(
@@ -79,18 +96,27 @@ def full_batch_step(
     autocast,
     schedule=None,
     stats: EpochStats,
+    total: int | None = None,
+    world_size: int = 1,
     chunk: int = 16384,
 ) -> int:
     """Gradient descent on the whole training set: one optimizer step with the exact full-batch
-    gradient, computed in chunks so memory stays bounded on large data."""
+    gradient, computed in chunks so memory stays bounded on large data.
+
+    `x` is this rank's shard and `total` the rows over all ranks; each chunk's loss is weighted by
+    chunk_rows * world / total so DDP's average is the mean over the whole set.
+    """
     model.train()
-    n = x.shape[0]
-    for i in range(0, n, chunk):
+    total = total or x.shape[0]
+    no_sync = getattr(model, "no_sync", None)
+    starts = list(range(0, x.shape[0], chunk))
+    for k, i in enumerate(starts):
         xb, yb = x[i : i + chunk], y[i : i + chunk]
-        with autocast:
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-        (loss * (yb.shape[0] / n)).backward()  # mean over the whole set, not per chunk
+        with no_sync() if (no_sync is not None and k < len(starts) - 1) else contextlib.nullcontext():
+            with autocast:
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
+            (loss * (yb.shape[0] * world_size / total)).backward()
         stats.add(loss, logits, yb)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

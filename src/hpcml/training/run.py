@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import random
 import sys
 import time
@@ -20,6 +22,8 @@ from hpcml.data.preprocess import Normalizer
 from hpcml.data.sources import Dataset, load_dataset
 from hpcml.models.io import Model, save_model
 from hpcml.models.registry import create_model, default_model_for
+from hpcml.parallel import dist as pdist
+from hpcml.parallel.dist import DistInfo
 from hpcml.training import loop
 from hpcml.training.optim import build_optimizer, build_schedule
 from hpcml.training.precision import autocast, cpu_name, detect
@@ -96,47 +100,119 @@ def train(
     *,
     out: str | Path | None = None,
     quiet: bool = True,
-) -> Run:
+    nproc: int = 1,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    max_restarts: int = 0,
+) -> Run | None:
     """Train a model as `config` says and write the run dir. Returns a `Run`.
 
     `config` is a TrainConfig, a dict of its fields, or a path to a YAML file. `out` is the run dir
     (default `runs/<timestamp>-<model>-<data>`). `quiet=False` shows a progress bar on a TTY.
+    `nproc > 1` (or `nnodes > 1`) trains data-parallel on that many ranks per node through
+    torch.distributed's elastic launcher; `batch_size` is per rank. Only the node of rank 0 writes the
+    run dir; on the other nodes this returns None.
     """
-    t_wall = time.perf_counter()
     cfg = as_config(config)
+    if nproc == 1 and nnodes == 1:
+        return run_process(cfg, out=out, quiet=quiet)
+    from hpcml.models.io import load_model
+    from hpcml.parallel.launch import launch
+
+    if out is None:
+        out = default_run_dir(cfg, cfg.model.name)
+    out = Path(out)
+    if not launch(cfg, out=out, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
+                  rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts, quiet=quiet):
+        return None
+    report = json.loads((out / "report.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return Run(dir=out, report=report, model=load_model(out / "model"), metrics=metrics)
+
+
+def run_process(
+    cfg: TrainConfig,
+    *,
+    out: str | Path | None,
+    quiet: bool,
+    dist: DistInfo | None = None,
+    fail_at: tuple[int, int] | None = None,
+) -> Run | None:
+    """The training run of one process: the whole job, or one rank of a data-parallel job."""
+    t_wall = time.perf_counter()
+    info = dist or DistInfo()
+    ddp = info.world_size > 1
     data = load_dataset(cfg.data)
     cfg = resolve_model_name(cfg, data)
 
     full_batch = cfg.optim.name == "gd"
     n_train = len(data.x_train)
-    steps_per_epoch = 1 if full_batch else -(-n_train // min(cfg.batch_size, n_train))
-    total_steps = steps_per_epoch * cfg.epochs
     hw = detect(device=cfg.device, precision=cfg.precision, compile=cfg.compile, threads=cfg.threads,
-                steps=total_steps)
-    torch.set_num_threads(hw.threads)
+                steps=cfg.epochs, local_rank=info.local_rank, local_world_size=info.local_world_size)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(hw.threads)  # restored when the run ends: no process-wide state left behind
+    if ddp:
+        pdist.init_process_group(info, hw.device)
+    try:
+        run = _run(cfg, data, hw, info, out=out, quiet=quiet, full_batch=full_batch, n_train=n_train,
+                   t_wall=t_wall, fail_at=fail_at)
+        if ddp:
+            torch.distributed.barrier()  # rank 0 has written the run dir before anyone tears down
+        return run
+    finally:
+        torch.set_num_threads(threads_before)
+        if ddp:
+            gc.collect()  # free the DDP reducer (and its gloo work) before its process group goes away
+            torch.distributed.destroy_process_group()
 
+
+def _run(cfg, data, hw, info: DistInfo, *, out, quiet, full_batch, n_train, t_wall, fail_at) -> Run | None:
+    ddp = info.world_size > 1
+    reduce = pdist.all_reduce_sum if ddp else None
     normalizer = Normalizer.fit(data.x_train, method=cfg.data.normalize, per_feature=data.kind == "tabular")
     dev = hw.device
     x_train = torch.from_numpy(normalizer(data.x_train)).to(dev)
     y_train = torch.from_numpy(data.y_train).to(dev)
-    x_test = torch.from_numpy(normalizer(data.x_test)).to(dev)
-    y_test = torch.from_numpy(data.y_test).to(dev)
+    # each rank evaluates a contiguous shard of the test set; the sums are all-reduced
+    test_shard = np.array_split(np.arange(len(data.x_test)), info.world_size)[info.rank]
+    x_test = torch.from_numpy(normalizer(data.x_test[test_shard])).to(dev)
+    y_test = torch.from_numpy(data.y_test[test_shard]).to(dev)
 
-    seed_everything(cfg.seed)
+    batches = DeviceBatches(x_train, y_train, batch_size=cfg.batch_size, seed=cfg.seed, rank=info.rank,
+                            world_size=info.world_size, accum=cfg.grad_accum)
+    steps_per_epoch = 1 if full_batch else len(batches)
+    total_steps = steps_per_epoch * cfg.epochs
+    if full_batch:  # each rank holds a contiguous shard of the training set
+        shard = torch.tensor_split(torch.arange(n_train), info.world_size)[info.rank].to(dev)
+        x_full, y_full = x_train.index_select(0, shard), y_train.index_select(0, shard)
+
+    seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     module = create_model(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes,
                           **cfg.model.kwargs).to(dev)
-    step_model: nn.Module = torch.compile(module) if hw.compile else module
+    step_model: nn.Module = pdist.wrap_ddp(module, dev) if ddp else module
+    if hw.compile:
+        step_model = torch.compile(step_model)
     optimizer = build_optimizer(module.parameters(), cfg.optim, device=dev)
     schedule = build_schedule(optimizer, cfg.optim, total_steps=total_steps)
     scaler = torch.amp.GradScaler(dev.type) if hw.precision == "fp16" and dev.type == "cuda" else None
     amp = autocast(hw.precision, dev)
     train_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
-    batches = DeviceBatches(x_train, y_train, batch_size=cfg.batch_size, seed=cfg.seed)
 
-    run_dir = RunDir(Path(out) if out else default_run_dir(cfg, cfg.model.name))
-    run_dir.write_config(cfg)
-    progress = _Progress(not quiet and sys.stderr.isatty(), total_steps, cfg.epochs)
+    main = info.is_main
+    if out is None:
+        out = default_run_dir(cfg, cfg.model.name)
+    run_dir = RunDir(Path(out)) if main else None
+    if main:
+        run_dir.write_config(cfg)
+    progress = _Progress(main and not quiet and sys.stderr.isatty(), total_steps, cfg.epochs)
+
+    def before_step(i: int) -> None:  # test hook: fail on a chosen rank and global step
+        if fail_at is not None and fail_at[0] == info.rank and steps + i == fail_at[1]:
+            raise RuntimeError(f"injected failure at step {fail_at[1]}")
+
+    global_batch = n_train if full_batch else batches.global_batch
     rows: list[dict[str, Any]] = []
     steps = 0
     step_seconds = 0.0
@@ -147,21 +223,24 @@ def train(
             t0 = time.perf_counter()
             stats = loop.EpochStats(dev)
             if full_batch:
-                steps += loop.full_batch_step(step_model, x_train, y_train, optimizer=optimizer,
-                                              loss_fn=train_loss, autocast=amp, schedule=schedule, stats=stats)
+                before_step(0)
+                steps += loop.full_batch_step(step_model, x_full, y_full, optimizer=optimizer, loss_fn=train_loss,
+                                              autocast=amp, schedule=schedule, stats=stats, total=n_train,
+                                              world_size=info.world_size)
                 if progress.bar is not None:
-                    progress.step(n_train)
+                    progress.step(1)
             else:
                 steps += loop.train_epoch(
                     step_model, batches.epoch(epoch), optimizer=optimizer, loss_fn=train_loss, autocast=amp,
                     schedule=schedule, scaler=scaler, stats=stats,
                     on_step=progress.step if progress.bar is not None else None,
+                    before_step=before_step if fail_at is not None else None,
                 )
-            tr_loss, tr_acc = stats.read()  # the epoch's one sync; the timestamp below follows it
+            tr_loss, tr_acc = stats.read(reduce)  # the epoch's one sync; the timestamp below follows it
             epoch_seconds = time.perf_counter() - t0
             step_seconds += epoch_seconds
             te_loss, te_acc = loop.evaluate(step_model, x_test, y_test, batch_size=cfg.eval_batch_size,
-                                            autocast=amp, loss_fn=eval_loss).read()
+                                            autocast=amp, loss_fn=eval_loss).read(reduce)
             elapsed = time.perf_counter() - t_loop
             row = {
                 "epoch": epoch + 1, "step": steps, "train_loss": tr_loss, "train_accuracy": tr_acc,
@@ -170,9 +249,10 @@ def train(
                 "samples_per_second": n_train / epoch_seconds,
             }
             rows.append(row)
-            run_dir.log_epoch(row)
+            if main:
+                run_dir.log_epoch(row)
             progress.epoch(row, cfg.epochs)
-            if not np.isfinite(tr_loss):
+            if not np.isfinite(tr_loss):  # identical on every rank: the values were all-reduced
                 raise hpcml.HpcmlError(
                     f"training diverged at epoch {epoch + 1} (train loss {tr_loss}); lower optim.lr "
                     f"(now {cfg.optim.lr})"
@@ -183,9 +263,9 @@ def train(
         train_seconds = time.perf_counter() - t_loop
     finally:
         progress.close()
-        run_dir.close()
+        if main:
+            run_dir.close()
 
-    last = rows[-1]
     meta = {
         "architecture": cfg.model.name,
         "kwargs": cfg.model.kwargs,
@@ -198,6 +278,9 @@ def train(
         "hpcml_version": hpcml.__version__,
     }
     model = Model(module, meta)
+    if not main:
+        return None
+    last = rows[-1]
     save_model(run_dir.path / "model", module, meta)
     run_dir.plot_curves(rows)
     report = {
@@ -208,6 +291,7 @@ def train(
         "train_loss": last["train_loss"],
         "train_seconds": train_seconds,
         "step_seconds": step_seconds,
+        "eval_seconds": train_seconds - step_seconds,
         "wall_seconds": time.perf_counter() - t_wall,
         "samples_per_second": len(rows) * n_train / step_seconds,
         "epochs": len(rows),
@@ -215,9 +299,10 @@ def train(
         "target_accuracy": cfg.target_accuracy,
         "time_to_target_seconds": time_to_target,
         "stopped_early": len(rows) < cfg.epochs,
-        "world_size": 1,
-        "batch_size": n_train if full_batch else batches.batch_size,
-        "global_batch_size": n_train if full_batch else batches.batch_size,
+        "world_size": info.world_size,
+        "batch_size": (n_train // info.world_size) if full_batch else batches.batch_size,
+        "grad_accum": 1 if full_batch else cfg.grad_accum,
+        "global_batch_size": global_batch,
         "full_batch": full_batch,
         "optimizer": cfg.optim.name,
         "schedule": cfg.optim.schedule,
@@ -227,6 +312,7 @@ def train(
                  "input_shape": list(data.input_shape), "classes": data.num_classes},
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+        "backend": ("nccl" if dev.type == "cuda" else "gloo") if ddp else None,
         "precision": hw.precision,
         "precision_reason": hw.precision_reason,
         "compile": hw.compile,

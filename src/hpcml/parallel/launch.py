@@ -1,0 +1,81 @@
+"""Start N ranks per node with torch.distributed's elastic launcher (the machinery behind torchrun).
+
+Each rank is a fresh `python -m hpcml.parallel.worker` process; the launcher's agent watches them and,
+when one fails, stops the others (and restarts the group up to `max_restarts` times), so a crashed
+rank ends the job promptly instead of leaving its peers hanging in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from hpcml.config import TrainConfig, dump_config
+from hpcml.errors import HpcmlError, UsageError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"--rdzv-endpoint must be HOST:PORT, got {endpoint!r}")
+    return host, int(port)
+
+
+def _failure_message(err) -> str:
+    """Name the rank that failed first and its own error message (from the worker's error file)."""
+    failures = sorted(err.failures.items(), key=lambda kv: kv[1].timestamp)
+    rank, f = failures[0]
+    msg = f.message.get("message", json.dumps(f.message)) if isinstance(f.message, dict) else str(f.message)
+    if not msg or msg.startswith("To enable traceback") or f.exitcode < 0:
+        msg = f"exited with code {f.exitcode}" if f.exitcode >= 0 else f"killed by signal {-f.exitcode}"
+    others = f" ({len(failures) - 1} other rank(s) stopped)" if len(failures) > 1 else ""
+    return f"rank {rank} failed: {msg}{others}"
+
+
+def launch(
+    cfg: TrainConfig, *, out: Path, nproc: int, nnodes: int = 1, node_rank: int = 0,
+    rdzv_endpoint: str | None = None, max_restarts: int = 0, quiet: bool = True,
+) -> bool:
+    """Run `cfg` on nproc ranks on this node (and nnodes nodes in all). True where the run dir was written."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise UsageError(f"need nproc >= 1, nnodes >= 1 and 0 <= node_rank < nnodes "
+                         f"(got nproc={nproc}, nnodes={nnodes}, node_rank={node_rank})")
+    if nnodes > 1 and rdzv_endpoint is None:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address, reachable by all)")
+    if rdzv_endpoint is None:
+        host, port = "127.0.0.1", free_port()
+    else:
+        host, port = _parse_endpoint(rdzv_endpoint)
+    # The elastic agent logs every start and failure at INFO/WARNING; hpcml reports the outcome itself.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL if quiet else logging.INFO)
+    with tempfile.TemporaryDirectory(prefix="hpcml-launch-") as tmp:
+        cfg_path = Path(tmp) / "config.yaml"
+        cfg_path.write_text(dump_config(cfg))
+        lc = LaunchConfig(
+            min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc, run_id=f"hpcml-{port}" if nnodes > 1 else f"hpcml-{uuid.uuid4().hex[:8]}",
+            # one node: static ranks on a private port. Several: c10d rendezvous, hosted by the node
+            # whose address is the endpoint (node ranks are assigned in joining order).
+            rdzv_backend="static" if nnodes == 1 else "c10d", rdzv_endpoint=f"{host}:{port}",
+            rdzv_configs={"rank": node_rank} if nnodes == 1 else {"join_timeout": 120},
+            max_restarts=max_restarts, monitor_interval=0.2, start_method="spawn",
+        )
+        args = ["-m", "hpcml.parallel.worker", str(cfg_path), str(out), "--quiet" if quiet else "--progress"]
+        try:
+            elastic_launch(lc, sys.executable)(*args)
+        except ChildFailedError as err:
+            raise HpcmlError(_failure_message(err)) from None
+    return (out / "report.json").exists()  # written by rank 0, wherever it ran
