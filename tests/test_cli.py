@@ -6,8 +6,21 @@ import sys
 
 import pytest
 
-SMALL = ["--data", "synthetic", "--rows", "400", "--features", "6", "--classes", "2", "--epochs", "2",
-         "--threads", "1", "--quiet"]
+SMALL = [
+    "--data",
+    "synthetic",
+    "--rows",
+    "400",
+    "--features",
+    "6",
+    "--classes",
+    "2",
+    "--epochs",
+    "2",
+    "--threads",
+    "1",
+    "--quiet",
+]
 
 
 @pytest.mark.parametrize(
@@ -15,7 +28,10 @@ SMALL = ["--data", "synthetic", "--rows", "400", "--features", "6", "--classes",
     [
         (["--data", "nope"], "unknown dataset 'nope'; valid built-ins: mnist1d, digits, synthetic"),
         (["--model", "resnet"], "model.name: unknown model 'resnet'; valid: auto, mlp, cnn1d, cnn2d"),
-        (["--optimizer", "lbfgs"], "optim.name: Input should be 'sgd', 'adam', 'adamw' or 'gd' (got 'lbfgs')"),
+        (
+            ["--optimizer", "lbfgs"],
+            "optim.name: Input should be 'sgd', 'adam', 'adamw' or 'gd' (got 'lbfgs')",
+        ),
         (["--schedule", "step"], "optim.schedule: Input should be 'constant', 'cosine' or 'onecycle'"),
         (["--lr", "0"], "optim.lr: Input should be greater than 0 (got 0.0)"),
         (["--lr", "-1"], "optim.lr: Input should be greater than 0 (got -1.0)"),
@@ -25,7 +41,10 @@ SMALL = ["--data", "synthetic", "--rows", "400", "--features", "6", "--classes",
         (["--device", "tpu"], "device: unknown device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
         (["--set", "optim.bogus=1"], "optim.bogus: Extra inputs are not permitted"),
         (["--model-kw", "hidden"], "--model-kw expects KEY=VALUE, got 'hidden'"),
-        (["--model", "mlp", "--model-kw", "widht=3"], "model mlp: MLP.__init__() got an unexpected keyword argument 'widht'"),
+        (
+            ["--model", "mlp", "--model-kw", "widht=3"],
+            "model mlp: MLP.__init__() got an unexpected keyword argument 'widht'",
+        ),
     ],
 )
 def test_bad_input_exit_2_names_the_field(cli, tmp_path, args, message):
@@ -72,7 +91,20 @@ def test_train_json_and_evaluate(cli, tmp_path):
 
 def test_evaluate_on_builtin(cli, tmp_path):
     out = tmp_path / "run"
-    r = cli("train", "--data", "digits", "--layout", "flat", "--epochs", "3", "--threads", "1", "--out", str(out), "--json")
+    r = cli(
+        "train",
+        "--data",
+        "digits",
+        "--layout",
+        "flat",
+        "--epochs",
+        "3",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     r = cli("evaluate", str(out / "model"), "--data", "digits", "--json")
@@ -100,6 +132,10 @@ def test_help_has_examples_and_does_not_import_heavy_modules():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY [] 0" in r.stdout, r.stdout + r.stderr
     assert "Examples:" in r.stdout and "hpcml train --data digits --model cnn2d" in r.stdout
-    r = subprocess.run([sys.executable, "-c", "import hpcml, sys; print('torch' in sys.modules)"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", "import hpcml, sys; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.stdout.strip() == "False"

@@ -18,17 +18,34 @@ from hpcml._version import __version__
 from hpcml.errors import HpcmlError, UsageError
 
 __all__ = [
-    "__version__", "HpcmlError", "UsageError",
-    "train", "evaluate", "predict", "load_model", "Run", "Model",
-    "TrainConfig", "DataConfig", "ModelConfig", "OptimConfig", "load_config",
+    "__version__",
+    "HpcmlError",
+    "UsageError",
+    "train",
+    "evaluate",
+    "predict",
+    "load_model",
+    "Run",
+    "Model",
+    "TrainConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "load_config",
 ]
 
 _LAZY = {
-    "train": "hpcml.training.run", "Run": "hpcml.training.run",
-    "evaluate": "hpcml.api", "predict": "hpcml.api",
-    "load_model": "hpcml.models.io", "Model": "hpcml.models.io",
-    "TrainConfig": "hpcml.config", "DataConfig": "hpcml.config", "ModelConfig": "hpcml.config",
-    "OptimConfig": "hpcml.config", "load_config": "hpcml.config",
+    "train": "hpcml.training.run",
+    "Run": "hpcml.training.run",
+    "evaluate": "hpcml.api",
+    "predict": "hpcml.api",
+    "load_model": "hpcml.models.io",
+    "Model": "hpcml.models.io",
+    "TrainConfig": "hpcml.config",
+    "DataConfig": "hpcml.config",
+    "ModelConfig": "hpcml.config",
+    "OptimConfig": "hpcml.config",
+    "load_config": "hpcml.config",
 }
 
 if TYPE_CHECKING:

@@ -34,7 +34,9 @@ def evaluate(model: Model | str | Path, data: DataConfig | dict | str = "mnist1d
     if logits.shape[1] != ds.num_classes:
         from hpcml.errors import UsageError
 
-        raise UsageError(f"model has {logits.shape[1]} outputs but dataset {ds.name} has {ds.num_classes} classes")
+        raise UsageError(
+            f"model has {logits.shape[1]} outputs but dataset {ds.name} has {ds.num_classes} classes"
+        )
     return {
         "test_accuracy": float((logits.argmax(1) == y).float().mean()),
         "test_loss": float(torch.nn.functional.cross_entropy(logits, y)),

@@ -36,8 +36,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
     _STATE["debug"] = debug
@@ -69,45 +70,64 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     t.add_row("training time", f"{report['train_seconds']:.2f} s (wall {report['wall_seconds']:.2f} s)")
     if report.get("target_accuracy") is not None:
         ttt = report["time_to_target_seconds"]
-        t.add_row(f"time to {report['target_accuracy']:.2%}", "not reached" if ttt is None else f"{ttt:.2f} s")
+        t.add_row(
+            f"time to {report['target_accuracy']:.2%}", "not reached" if ttt is None else f"{ttt:.2f} s"
+        )
     t.add_row("samples/s", f"{report['samples_per_second']:,.0f}")
     t.add_row("model / data", f"{report['model']} on {report['data']['name']}")
-    t.add_row("optimizer", f"{report['optimizer']} (batch {report['global_batch_size']}"
-              + (", full batch)" if report["full_batch"] else ")"))
-    t.add_row("device", f"{report['device']} · {report['precision']} · {report['threads']} threads"
-              + (" · compiled" if report["compile"] else ""))
+    t.add_row(
+        "optimizer",
+        f"{report['optimizer']} (batch {report['global_batch_size']}"
+        + (", full batch)" if report["full_batch"] else ")"),
+    )
+    t.add_row(
+        "device",
+        f"{report['device']} · {report['precision']} · {report['threads']} threads"
+        + (" · compiled" if report["compile"] else ""),
+    )
     Console().print(t)
     typer.echo(f"run dir: {run_dir}")  # plain, never wrapped: people copy it
 
 
 @app.command(
-    help="Train a model and write a run dir (config.yaml, metrics.jsonl, report.json, curves.png, model/).\n\n"
+    help="Train a model and write a run dir (config.yaml, metrics.jsonl, report.json, curves.png, model/)."
+    "\n\n"
     "Examples:\n\n"
     "  hpcml train\n\n"
     "  hpcml train --data digits --model cnn2d --epochs 30\n\n"
     "  hpcml train --optimizer gd --lr 0.5 --epochs 200       # full-batch gradient descent\n\n"
-    "  hpcml train --data synthetic --rows 100000 --features 64 --classes 8 --model mlp --model-kw hidden=512\n\n"
+    "  hpcml train --data synthetic --rows 100000 --features 64 --model mlp --model-kw hidden=512\n\n"
     "  hpcml train --config runs/X/config.yaml                # re-run a past run exactly\n\n"
     "  hpcml train --nproc 2 --batch-size 50                  # data parallel, 2 ranks x 50 = global 100\n\n"
     "  hpcml train --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500 --nproc 8   # on each node",
     no_args_is_help=False,
 )
 def train(
-    config: Annotated[Path | None, typer.Option(help="YAML config (e.g. a run's config.yaml); flags override it.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML config (e.g. a run's config.yaml); flags override it.")
+    ] = None,
     data: Annotated[str | None, typer.Option(help="Dataset: mnist1d, digits or synthetic.")] = None,
     model: Annotated[str | None, typer.Option(help="Model: auto, mlp, cnn1d, cnn2d.")] = None,
-    model_kw: Annotated[list[str] | None, typer.Option("--model-kw", help="Model argument KEY=VALUE (repeatable).")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd, adam, adamw, or gd (full-batch gradient descent).")] = None,
+    model_kw: Annotated[
+        list[str] | None, typer.Option("--model-kw", help="Model argument KEY=VALUE (repeatable).")
+    ] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="sgd, adam, adamw, or gd (full-batch gradient descent).")
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (peak lr for onecycle).")] = None,
     momentum: Annotated[float | None, typer.Option(help="Momentum for sgd/gd.")] = None,
-    nesterov: Annotated[bool | None, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (sgd).")] = None,
+    nesterov: Annotated[
+        bool | None, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (sgd).")
+    ] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant, cosine or onecycle.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing in [0, 1).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed: same seed, same weights (CPU).")] = None,
-    target_accuracy: Annotated[float | None, typer.Option(help="Stop once test accuracy reaches this.")] = None,
+    target_accuracy: Annotated[
+        float | None, typer.Option(help="Stop once test accuracy reaches this.")
+    ] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     compile: Annotated[str | None, typer.Option(help="auto, on or off (torch.compile).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
@@ -117,13 +137,22 @@ def train(
     classes: Annotated[int | None, typer.Option(help="synthetic: classes.")] = None,
     layout: Annotated[str | None, typer.Option(help="digits: image (1x8x8) or flat (64 features).")] = None,
     normalize: Annotated[str | None, typer.Option(help="standard, minmax or none (fitted on train).")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step (no_sync between).")] = None,
-    nproc: Annotated[int, typer.Option(help="Data-parallel ranks on this node (torch.distributed, gloo/NCCL).")] = 1,
+    grad_accum: Annotated[
+        int | None, typer.Option(help="Micro-batches per optimizer step (no_sync between).")
+    ] = None,
+    nproc: Annotated[
+        int, typer.Option(help="Data-parallel ranks on this node (torch.distributed, gloo/NCCL).")
+    ] = 1,
     nnodes: Annotated[int, typer.Option(help="Number of nodes (machines) in the job.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's index, 0..nnodes-1.")] = 0,
-    rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of node 0 for multi-node (default 127.0.0.1:free port).")] = None,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT of node 0 for multi-node (default 127.0.0.1:free port).")
+    ] = None,
     max_restarts: Annotated[int, typer.Option(help="Restart the rank group this often after a failure.")] = 0,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Any config field, dotted: --set optim.warmup_fraction=0.1")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any config field, dotted: --set optim.warmup_fraction=0.1"),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run dir (default runs/<time>-<model>-<data>).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print report.json on stdout.")] = False,
@@ -131,13 +160,29 @@ def train(
     from hpcml.config import TrainConfig, build_config, merge
 
     flags = {
-        "data.name": data, "data.rows": rows, "data.features": features, "data.classes": classes,
-        "data.layout": layout, "data.normalize": normalize,
-        "model.name": model, "optim.name": optimizer, "optim.lr": lr, "optim.momentum": momentum,
-        "optim.nesterov": nesterov, "optim.weight_decay": weight_decay, "optim.schedule": schedule,
-        "epochs": epochs, "batch_size": batch_size, "label_smoothing": label_smoothing, "seed": seed,
-        "target_accuracy": target_accuracy, "precision": precision, "compile": compile, "device": device,
-        "threads": threads, "grad_accum": grad_accum,
+        "data.name": data,
+        "data.rows": rows,
+        "data.features": features,
+        "data.classes": classes,
+        "data.layout": layout,
+        "data.normalize": normalize,
+        "model.name": model,
+        "optim.name": optimizer,
+        "optim.lr": lr,
+        "optim.momentum": momentum,
+        "optim.nesterov": nesterov,
+        "optim.weight_decay": weight_decay,
+        "optim.schedule": schedule,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "label_smoothing": label_smoothing,
+        "seed": seed,
+        "target_accuracy": target_accuracy,
+        "precision": precision,
+        "compile": compile,
+        "device": device,
+        "threads": threads,
+        "grad_accum": grad_accum,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if model_kw:
@@ -155,8 +200,16 @@ def train(
 
     from hpcml.training.run import train as run_train
 
-    run = run_train(cfg, out=out, quiet=quiet or json_, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
-                    rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts)
+    run = run_train(
+        cfg,
+        out=out,
+        quiet=quiet or json_,
+        nproc=nproc,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        rdzv_endpoint=rdzv_endpoint,
+        max_restarts=max_restarts,
+    )
     if run is None:  # a node other than rank 0's: that node writes the run dir
         typer.echo(f"node {node_rank}: done (the node of rank 0 writes the run dir)", err=True)
     elif json_:
@@ -181,8 +234,10 @@ def evaluate(
     if json_:
         typer.echo(json.dumps(result, indent=2))
     else:
-        typer.echo(f"{result['model']} on {result['data']} ({result['rows']} rows): "
-                   f"test accuracy {result['test_accuracy']:.4f}, test loss {result['test_loss']:.4f}")
+        typer.echo(
+            f"{result['model']} on {result['data']} ({result['rows']} rows): "
+            f"test accuracy {result['test_accuracy']:.4f}, test loss {result['test_loss']:.4f}"
+        )
 
 
 from hpcml.cli_data import data_app  # noqa: E402  (the `hpcml data` group; imports nothing heavy)

@@ -50,7 +50,9 @@ def test_synthetic_sizes_and_seed():
 
 
 def test_unknown_dataset_lists_valid():
-    with pytest.raises(UsageError, match="unknown dataset 'nope'; valid built-ins: mnist1d, digits, synthetic"):
+    with pytest.raises(
+        UsageError, match="unknown dataset 'nope'; valid built-ins: mnist1d, digits, synthetic"
+    ):
         load_dataset(DataConfig(name="nope"))
 
 
@@ -60,7 +62,9 @@ def test_normalizer_fitted_stats():
     x[:, 2] = 7.0  # a constant column passes through unscaled instead of dividing by zero
     n = Normalizer.fit(x, method="standard", per_feature=True)
     z = n(x)
-    assert np.allclose(z[:, [0, 1, 3]].mean(0), 0, atol=1e-5) and np.allclose(z[:, [0, 1, 3]].std(0), 1, atol=1e-4)
+    assert np.allclose(z[:, [0, 1, 3]].mean(0), 0, atol=1e-5) and np.allclose(
+        z[:, [0, 1, 3]].std(0), 1, atol=1e-4
+    )
     assert np.all(z[:, 2] == 0)
     m = Normalizer.fit(x, method="minmax", per_feature=False)
     assert m.shift.shape == (1,) and np.isclose(m(x).min(), 0) and np.isclose(m(x).max(), 1)

@@ -17,7 +17,9 @@ from hpcml.parallel.launch import free_port
 BASE = {
     "data": {"name": "synthetic", "rows": 1000, "features": 8, "classes": 3},  # 800 train rows
     "model": {"name": "mlp", "kwargs": {"hidden": 32}},
-    "epochs": 3, "threads": 1, "optim": {"name": "sgd", "lr": 0.05},
+    "epochs": 3,
+    "threads": 1,
+    "optim": {"name": "sgd", "lr": 0.05},
 }
 # fp32 sums in a different order (two half-batch means averaged vs one mean) differ by a few ulps
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -27,12 +29,17 @@ def _weights(run_dir):
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
 
-@pytest.mark.parametrize(("world", "accum", "batch", "n"), [(1, 1, 64, 800), (2, 1, 32, 800), (3, 2, 7, 100), (4, 1, 8, 30)])
+@pytest.mark.parametrize(
+    ("world", "accum", "batch", "n"), [(1, 1, 64, 800), (2, 1, 32, 800), (3, 2, 7, 100), (4, 1, 8, 30)]
+)
 def test_sharding_uses_every_sample_once_and_weights_are_exact(world, accum, batch, n):
     """Rank by rank, no process group: the union of ranks' micro-batches is each epoch's permutation."""
     x = torch.arange(n, dtype=torch.float32)[:, None]
     y = torch.arange(n)
-    ranks = [DeviceBatches(x, y, batch_size=batch, seed=5, rank=r, world_size=world, accum=accum) for r in range(world)]
+    ranks = [
+        DeviceBatches(x, y, batch_size=batch, seed=5, rank=r, world_size=world, accum=accum)
+        for r in range(world)
+    ]
     for epoch in range(2):
         plans = [b.plan(epoch) for b in ranks]
         assert len({len(p) for p in plans}) == 1  # every rank takes the same number of steps
@@ -53,7 +60,11 @@ def test_two_ranks_match_one_process_with_the_global_batch(tmp_path):
     one = hpcml.train({**BASE, "batch_size": 64}, out=tmp_path / "one")
     two = hpcml.train({**BASE, "batch_size": 32}, out=tmp_path / "two", nproc=2)
     accum = hpcml.train({**BASE, "batch_size": 16, "grad_accum": 2}, out=tmp_path / "accum", nproc=2)
-    assert two.report["world_size"] == 2 and two.report["global_batch_size"] == 64 and two.report["batch_size"] == 32
+    assert (
+        two.report["world_size"] == 2
+        and two.report["global_batch_size"] == 64
+        and two.report["batch_size"] == 32
+    )
     assert accum.report["grad_accum"] == 2 and accum.report["global_batch_size"] == 64
     assert one.report["steps"] == two.report["steps"] == accum.report["steps"] == 3 * 13  # 800 / 64 -> 13
     w1 = _weights(one.dir)
@@ -62,7 +73,13 @@ def test_two_ranks_match_one_process_with_the_global_batch(tmp_path):
         for k in w1:
             torch.testing.assert_close(w[k], w1[k], **TOL)
     assert two.report["test_accuracy"] == pytest.approx(one.report["test_accuracy"], abs=2e-3)
-    assert sorted(p.name for p in two.dir.iterdir()) == ["config.yaml", "curves.png", "metrics.jsonl", "model", "report.json"]
+    assert sorted(p.name for p in two.dir.iterdir()) == [
+        "config.yaml",
+        "curves.png",
+        "metrics.jsonl",
+        "model",
+        "report.json",
+    ]
 
 
 def test_full_batch_gd_two_ranks(tmp_path):
@@ -76,20 +93,61 @@ def test_full_batch_gd_two_ranks(tmp_path):
 
 
 def _cli(*args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "hpcml.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "hpcml.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
-SMALL_FLAGS = ["train", "--data", "synthetic", "--rows", "1000", "--features", "8", "--classes", "3", "--model", "mlp",
-               "--model-kw", "hidden=32", "--epochs", "3", "--optimizer", "sgd", "--lr", "0.05", "--batch-size", "32", "-q"]
+SMALL_FLAGS = [
+    "train",
+    "--data",
+    "synthetic",
+    "--rows",
+    "1000",
+    "--features",
+    "8",
+    "--classes",
+    "3",
+    "--model",
+    "mlp",
+    "--model-kw",
+    "hidden=32",
+    "--epochs",
+    "3",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.05",
+    "--batch-size",
+    "32",
+    "-q",
+]
 
 
 def test_two_nodes_over_loopback_match_single_node(tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
     # two launchers = two "nodes" (one rank each) meeting at a c10d rendezvous on loopback; on one
     # machine they share the out dir, which only global rank 0 writes
-    nodes = [_cli(*SMALL_FLAGS, "--nnodes", "2", "--node-rank", str(r), "--nproc", "1", "--rdzv-endpoint", endpoint,
-                  "--out", str(tmp_path / "nodes")) for r in (0, 1)]
+    nodes = [
+        _cli(
+            *SMALL_FLAGS,
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(r),
+            "--nproc",
+            "1",
+            "--rdzv-endpoint",
+            endpoint,
+            "--out",
+            str(tmp_path / "nodes"),
+        )
+        for r in (0, 1)
+    ]
     results = [p.communicate(timeout=240) for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], results
     report = json.loads((tmp_path / "nodes" / "report.json").read_text())
@@ -102,8 +160,16 @@ def test_two_nodes_over_loopback_match_single_node(tmp_path):
 
 def test_rank_crash_ends_job_promptly_naming_the_rank(tmp_path):
     t0 = time.perf_counter()
-    p = _cli(*SMALL_FLAGS, "--epochs", "50", "--nproc", "2", "--out", str(tmp_path / "run"),
-             env={"HPCML_TEST_FAIL_AT": "1:5"})
+    p = _cli(
+        *SMALL_FLAGS,
+        "--epochs",
+        "50",
+        "--nproc",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        env={"HPCML_TEST_FAIL_AT": "1:5"},
+    )
     _, err = p.communicate(timeout=120)
     elapsed = time.perf_counter() - t0
     assert p.returncode == 1

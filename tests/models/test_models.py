@@ -7,7 +7,14 @@ from hpcml.models import create_model, default_model_for, list_models
 
 @pytest.mark.parametrize(
     ("name", "shape"),
-    [("mlp", (20,)), ("mlp", (1, 8, 8)), ("cnn1d", (1, 40)), ("cnn1d", (40,)), ("cnn2d", (1, 8, 8)), ("cnn2d", (3, 16, 16))],
+    [
+        ("mlp", (20,)),
+        ("mlp", (1, 8, 8)),
+        ("cnn1d", (1, 40)),
+        ("cnn1d", (40,)),
+        ("cnn2d", (1, 8, 8)),
+        ("cnn2d", (3, 16, 16)),
+    ],
 )
 def test_forward_backward(name, shape):
     torch.manual_seed(0)

@@ -15,8 +15,18 @@ from hpcml.data.sources import load_dataset
 from hpcml.models import create_model
 
 REPORT_KEYS = {
-    "test_accuracy", "train_seconds", "wall_seconds", "samples_per_second", "epochs", "steps",
-    "time_to_target_seconds", "world_size", "device", "precision", "hpcml_version", "torch_version",
+    "test_accuracy",
+    "train_seconds",
+    "wall_seconds",
+    "samples_per_second",
+    "epochs",
+    "steps",
+    "time_to_target_seconds",
+    "world_size",
+    "device",
+    "precision",
+    "hpcml_version",
+    "torch_version",
 }
 
 
@@ -27,7 +37,13 @@ def _weights(run_dir):
 def test_run_dir_contents(tmp_path, small_cfg):
     run = hpcml.train(small_cfg, out=tmp_path / "run")
     d = run.dir
-    assert sorted(p.name for p in d.iterdir()) == ["config.yaml", "curves.png", "metrics.jsonl", "model", "report.json"]
+    assert sorted(p.name for p in d.iterdir()) == [
+        "config.yaml",
+        "curves.png",
+        "metrics.jsonl",
+        "model",
+        "report.json",
+    ]
     assert sorted(p.name for p in (d / "model").iterdir()) == ["model.json", "model.safetensors"]
     report = json.loads((d / "report.json").read_text())
     assert REPORT_KEYS <= report.keys()
@@ -59,8 +75,13 @@ def test_same_seed_same_weights_and_config_reruns(tmp_path, small_cfg):
 
 def test_loop_matches_plain_pytorch(tmp_path, small_cfg):
     """One hpcml run vs a hand-written loop over the documented sample order (seed, epoch)."""
-    cfg = {**small_cfg, "optim": {"name": "sgd", "lr": 0.05, "schedule": "constant", "momentum": 0.0},
-           "label_smoothing": 0.0, "data": {**small_cfg["data"], "normalize": "none"}, "epochs": 2}
+    cfg = {
+        **small_cfg,
+        "optim": {"name": "sgd", "lr": 0.05, "schedule": "constant", "momentum": 0.0},
+        "label_smoothing": 0.0,
+        "data": {**small_cfg["data"], "normalize": "none"},
+        "epochs": 2,
+    }
     run = hpcml.train(cfg, out=tmp_path / "run")
     ds = load_dataset(TrainConfig.model_validate(cfg).data)
     torch.manual_seed(0)
@@ -91,7 +112,9 @@ def test_model_roundtrip_identical_predictions(tmp_path, small_cfg):
     assert np.array_equal(hpcml.predict(run.dir / "model", ds.x_test), p1.argmax(1))
     acc = float((p1.argmax(1) == ds.y_test).mean())
     assert acc == pytest.approx(run.report["test_accuracy"], abs=1e-6)
-    assert hpcml.evaluate(run.dir / "model", small_cfg["data"])["test_accuracy"] == pytest.approx(acc, abs=1e-6)
+    assert hpcml.evaluate(run.dir / "model", small_cfg["data"])["test_accuracy"] == pytest.approx(
+        acc, abs=1e-6
+    )
 
 
 def test_tampered_weights_are_refused(tmp_path, small_cfg):
@@ -130,8 +153,16 @@ def test_full_batch_gradient_is_exact(small_cfg):
     models[1].load_state_dict(models[0].state_dict())
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
     ce = torch.nn.CrossEntropyLoss()
-    loop.full_batch_step(models[0], x, y, optimizer=opts[0], loss_fn=ce, autocast=torch.autocast("cpu", enabled=False),
-                         stats=loop.EpochStats(torch.device("cpu")), chunk=7)
+    loop.full_batch_step(
+        models[0],
+        x,
+        y,
+        optimizer=opts[0],
+        loss_fn=ce,
+        autocast=torch.autocast("cpu", enabled=False),
+        stats=loop.EpochStats(torch.device("cpu")),
+        chunk=7,
+    )
     ce(models[1](x), y).backward()
     opts[1].step()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):

@@ -31,8 +31,16 @@ class Micro:
 
 class DeviceBatches:
     def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, shuffle: bool = True, seed: int = 0,
-        rank: int = 0, world_size: int = 1, accum: int = 1,
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        accum: int = 1,
     ):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} rows but y has {len(y)}")

@@ -27,7 +27,9 @@ class Normalizer:
         else:
             return cls("none", np.zeros(shape, np.float32), np.ones(shape, np.float32))
         scale = np.where(scale > 1e-12, scale, 1.0)  # constant features pass through unscaled
-        return cls(method, np.reshape(shift, shape).astype(np.float32), np.reshape(scale, shape).astype(np.float32))
+        return cls(
+            method, np.reshape(shift, shape).astype(np.float32), np.reshape(scale, shape).astype(np.float32)
+        )
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.method == "none":

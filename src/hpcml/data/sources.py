@@ -115,7 +115,12 @@ def _digits(layout: str) -> Dataset:
         kind = "tabular"
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
     return Dataset(
-        name="digits", kind=kind, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte,
+        name="digits",
+        kind=kind,
+        x_train=xtr,
+        y_train=ytr,
+        x_test=xte,
+        y_test=yte,
         classes=[str(i) for i in range(10)],
         source={"builtin": "digits", "layout": "flat" if kind == "tabular" else "image", "split_seed": 0},
     )
@@ -131,8 +136,12 @@ def _synthetic(cfg: DataConfig) -> Dataset:
             f"data.classes={cfg.classes} is too many for data.features={cfg.features}; use more features"
         )
     x, y = make_classification(
-        n_samples=cfg.rows, n_features=cfg.features, n_informative=informative,
-        n_redundant=0, n_classes=cfg.classes, random_state=cfg.data_seed,
+        n_samples=cfg.rows,
+        n_features=cfg.features,
+        n_informative=informative,
+        n_redundant=0,
+        n_classes=cfg.classes,
+        random_state=cfg.data_seed,
     )
     n_test = max(1, int(round(cfg.rows * cfg.test_fraction)))
     if cfg.rows - n_test < 1:
@@ -140,9 +149,18 @@ def _synthetic(cfg: DataConfig) -> Dataset:
     x = x.astype(np.float32)
     y = y.astype(np.int64)
     return Dataset(
-        name="synthetic", kind="tabular",
-        x_train=x[n_test:], y_train=y[n_test:], x_test=x[:n_test], y_test=y[:n_test],
+        name="synthetic",
+        kind="tabular",
+        x_train=x[n_test:],
+        y_train=y[n_test:],
+        x_test=x[:n_test],
+        y_test=y[:n_test],
         classes=[str(i) for i in range(cfg.classes)],
-        source={"builtin": "synthetic", "rows": cfg.rows, "features": cfg.features,
-                "classes": cfg.classes, "data_seed": cfg.data_seed},
+        source={
+            "builtin": "synthetic",
+            "rows": cfg.rows,
+            "features": cfg.features,
+            "classes": cfg.classes,
+            "data_seed": cfg.data_seed,
+        },
     )

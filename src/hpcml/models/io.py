@@ -53,7 +53,9 @@ class Model:
         self.input_shape: tuple[int, ...] = tuple(meta["input_shape"])
 
     def __repr__(self) -> str:
-        return f"Model({self.meta['architecture']}, input_shape={self.input_shape}, classes={len(self.classes)})"
+        return (
+            f"Model({self.meta['architecture']}, input_shape={self.input_shape}, classes={len(self.classes)})"
+        )
 
     def _prepare(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         x = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -73,7 +75,10 @@ class Model:
     def logits(self, x, *, batch_size: int = 65536) -> torch.Tensor:
         xs = torch.from_numpy(self._prepare(x))
         device = next(self.module.parameters()).device
-        out = [self.module(xs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(xs), batch_size)]
+        out = [
+            self.module(xs[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(xs), batch_size)
+        ]
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
     def predict_proba(self, x, *, batch_size: int = 65536) -> np.ndarray:
@@ -155,7 +160,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Model
             f"{meta['weights_sha256'][:12]}...): the weights are corrupt or were modified"
         )
     module = create_model(
-        meta["architecture"], input_shape=tuple(meta["input_shape"]), num_classes=meta["num_outputs"],
+        meta["architecture"],
+        input_shape=tuple(meta["input_shape"]),
+        num_classes=meta["num_outputs"],
         **meta["kwargs"],
     )
     try:

@@ -9,7 +9,12 @@ class MLP(nn.Sequential):
     """Flatten -> (Linear -> ReLU) x depth -> Linear. Takes any input shape."""
 
     def __init__(
-        self, *, input_shape: tuple[int, ...], num_classes: int, hidden: int = 256, depth: int = 2,
+        self,
+        *,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        hidden: int = 256,
+        depth: int = 2,
         dropout: float = 0.0,
     ):
         if hidden <= 0 or depth < 0:

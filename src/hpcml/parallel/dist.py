@@ -29,7 +29,9 @@ class DistInfo:
     def from_env(cls) -> DistInfo:
         """Read the variables torch.distributed's launcher sets for each worker."""
         env = os.environ
-        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
+        return cls(
+            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"])
+        )
 
 
 def init_process_group(info: DistInfo, device: torch.device) -> None:

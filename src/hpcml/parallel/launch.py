@@ -44,16 +44,25 @@ def _failure_message(err) -> str:
 
 
 def launch(
-    cfg: TrainConfig, *, out: Path, nproc: int, nnodes: int = 1, node_rank: int = 0,
-    rdzv_endpoint: str | None = None, max_restarts: int = 0, quiet: bool = True,
+    cfg: TrainConfig,
+    *,
+    out: Path,
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    max_restarts: int = 0,
+    quiet: bool = True,
 ) -> bool:
     """Run `cfg` on nproc ranks on this node (and nnodes nodes in all). True where the run dir was written."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
-        raise UsageError(f"need nproc >= 1, nnodes >= 1 and 0 <= node_rank < nnodes "
-                         f"(got nproc={nproc}, nnodes={nnodes}, node_rank={node_rank})")
+        raise UsageError(
+            f"need nproc >= 1, nnodes >= 1 and 0 <= node_rank < nnodes "
+            f"(got nproc={nproc}, nnodes={nnodes}, node_rank={node_rank})"
+        )
     if nnodes > 1 and rdzv_endpoint is None:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address, reachable by all)")
     if rdzv_endpoint is None:
@@ -66,12 +75,18 @@ def launch(
         cfg_path = Path(tmp) / "config.yaml"
         cfg_path.write_text(dump_config(cfg))
         lc = LaunchConfig(
-            min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=nproc, run_id=f"hpcml-{port}" if nnodes > 1 else f"hpcml-{uuid.uuid4().hex[:8]}",
+            min_nodes=nnodes,
+            max_nodes=nnodes,
+            nproc_per_node=nproc,
+            run_id=f"hpcml-{port}" if nnodes > 1 else f"hpcml-{uuid.uuid4().hex[:8]}",
             # one node: static ranks on a private port. Several: c10d rendezvous, hosted by the node
             # whose address is the endpoint (node ranks are assigned in joining order).
-            rdzv_backend="static" if nnodes == 1 else "c10d", rdzv_endpoint=f"{host}:{port}",
+            rdzv_backend="static" if nnodes == 1 else "c10d",
+            rdzv_endpoint=f"{host}:{port}",
             rdzv_configs={"rank": node_rank} if nnodes == 1 else {"join_timeout": 120},
-            max_restarts=max_restarts, monitor_interval=0.2, start_method="spawn",
+            max_restarts=max_restarts,
+            monitor_interval=0.2,
+            start_method="spawn",
         )
         args = ["-m", "hpcml.parallel.worker", str(cfg_path), str(out), "--quiet" if quiet else "--progress"]
         try:

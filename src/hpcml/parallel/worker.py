@@ -17,9 +17,15 @@ def _write_error_file(exc: BaseException) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    message = str(exc) if exc.__class__.__name__ in ("HpcmlError", "UsageError") else f"{type(exc).__name__}: {exc}"
-    data = {"message": {"message": message, "extraInfo": {"py_callstack": traceback.format_exc(),
-                                                          "timestamp": str(int(time.time()))}}}
+    message = (
+        str(exc) if exc.__class__.__name__ in ("HpcmlError", "UsageError") else f"{type(exc).__name__}: {exc}"
+    )
+    data = {
+        "message": {
+            "message": message,
+            "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))},
+        }
+    }
     with open(path, "w") as f:
         json.dump(data, f)
 
@@ -33,8 +39,13 @@ def main(argv: list[str]) -> int:
     info = DistInfo.from_env()
     try:
         fail_at = os.environ.get("HPCML_TEST_FAIL_AT")  # test hook "RANK:STEP": raise on that rank
-        run_process(load_config(cfg_path), out=out, quiet=mode == "--quiet", dist=info,
-                    fail_at=tuple(map(int, fail_at.split(":"))) if fail_at else None)
+        run_process(
+            load_config(cfg_path),
+            out=out,
+            quiet=mode == "--quiet",
+            dist=info,
+            fail_at=tuple(map(int, fail_at.split(":"))) if fail_at else None,
+        )
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the rank exits 1
         _write_error_file(exc)
         print(f"hpcml: rank {info.rank}: {exc}", file=sys.stderr)

@@ -29,8 +29,13 @@ class EpochStats:
 
     def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
         """Mean loss and accuracy; `reduce` sums the totals across ranks (an all-reduce)."""
-        totals = torch.stack([self.loss.double(), self.correct.double(),
-                              torch.tensor(float(self.count), dtype=torch.float64, device=self.loss.device)])
+        totals = torch.stack(
+            [
+                self.loss.double(),
+                self.correct.double(),
+                torch.tensor(float(self.count), dtype=torch.float64, device=self.loss.device),
+            ]
+        )
         if reduce is not None:
             totals = reduce(totals)
         loss, correct, count = totals.tolist()  # note: a host-device sync, once per epoch
@@ -127,7 +132,12 @@ def full_batch_step(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, autocast,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    autocast,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> EpochStats:
     model.eval()

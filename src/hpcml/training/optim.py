@@ -18,8 +18,12 @@ def build_optimizer(params, cfg: OptimConfig, *, device: torch.device) -> torch.
     if cfg.name in ("sgd", "gd"):
         momentum = cfg.momentum or 0.0
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=momentum, nesterov=cfg.nesterov and momentum > 0,
-            weight_decay=cfg.weight_decay, **_fast_kwargs(torch.optim.SGD, device),
+            params,
+            lr=cfg.lr,
+            momentum=momentum,
+            nesterov=cfg.nesterov and momentum > 0,
+            weight_decay=cfg.weight_decay,
+            **_fast_kwargs(torch.optim.SGD, device),
         )
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **_fast_kwargs(cls, device))
@@ -32,6 +36,9 @@ def build_schedule(opt: torch.optim.Optimizer, cfg: OptimConfig, *, total_steps:
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
     return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(2, total_steps), pct_start=max(cfg.warmup_fraction, 1e-3),
+        opt,
+        max_lr=cfg.lr,
+        total_steps=max(2, total_steps),
+        pct_start=max(cfg.warmup_fraction, 1e-3),
         cycle_momentum=False,
     )

@@ -114,7 +114,13 @@ def autocast(precision: str, device: torch.device):
 
 
 def detect(
-    *, device: str, precision: str, compile: str, threads: int | None, steps: int, local_rank: int = 0,
+    *,
+    device: str,
+    precision: str,
+    compile: str,
+    threads: int | None,
+    steps: int,
+    local_rank: int = 0,
     local_world_size: int = 1,
 ) -> Hardware:
     dev = resolve_device(device, local_rank=local_rank)

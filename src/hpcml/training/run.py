@@ -74,8 +74,12 @@ class _Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.description}"), transient=False,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            transient=False,
         )
         self.bar.start()
         self.task = self.bar.add_task(f"epoch 1/{epochs}", total=total_steps)
@@ -85,10 +89,13 @@ class _Progress:
 
     def epoch(self, row: dict[str, Any], epochs: int) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, description=(
-                f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  "
-                f"test acc {row['test_accuracy']:.4f}  {row['samples_per_second']:,.0f} samples/s"
-            ))
+            self.bar.update(
+                self.task,
+                description=(
+                    f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  "
+                    f"test acc {row['test_accuracy']:.4f}  {row['samples_per_second']:,.0f} samples/s"
+                ),
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -123,8 +130,16 @@ def train(
     if out is None:
         out = default_run_dir(cfg, cfg.model.name)
     out = Path(out)
-    if not launch(cfg, out=out, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
-                  rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts, quiet=quiet):
+    if not launch(
+        cfg,
+        out=out,
+        nproc=nproc,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        rdzv_endpoint=rdzv_endpoint,
+        max_restarts=max_restarts,
+        quiet=quiet,
+    ):
         return None
     report = json.loads((out / "report.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -148,15 +163,32 @@ def run_process(
 
     full_batch = cfg.optim.name == "gd"
     n_train = len(data.x_train)
-    hw = detect(device=cfg.device, precision=cfg.precision, compile=cfg.compile, threads=cfg.threads,
-                steps=cfg.epochs, local_rank=info.local_rank, local_world_size=info.local_world_size)
+    hw = detect(
+        device=cfg.device,
+        precision=cfg.precision,
+        compile=cfg.compile,
+        threads=cfg.threads,
+        steps=cfg.epochs,
+        local_rank=info.local_rank,
+        local_world_size=info.local_world_size,
+    )
     threads_before = torch.get_num_threads()
     torch.set_num_threads(hw.threads)  # restored when the run ends: no process-wide state left behind
     if ddp:
         pdist.init_process_group(info, hw.device)
     try:
-        run = _run(cfg, data, hw, info, out=out, quiet=quiet, full_batch=full_batch, n_train=n_train,
-                   t_wall=t_wall, fail_at=fail_at)
+        run = _run(
+            cfg,
+            data,
+            hw,
+            info,
+            out=out,
+            quiet=quiet,
+            full_batch=full_batch,
+            n_train=n_train,
+            t_wall=t_wall,
+            fail_at=fail_at,
+        )
         if ddp:
             torch.distributed.barrier()  # rank 0 has written the run dir before anyone tears down
         return run
@@ -179,8 +211,15 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, full_batch, n_train, t_wa
     x_test = torch.from_numpy(normalizer(data.x_test[test_shard])).to(dev)
     y_test = torch.from_numpy(data.y_test[test_shard]).to(dev)
 
-    batches = DeviceBatches(x_train, y_train, batch_size=cfg.batch_size, seed=cfg.seed, rank=info.rank,
-                            world_size=info.world_size, accum=cfg.grad_accum)
+    batches = DeviceBatches(
+        x_train,
+        y_train,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        accum=cfg.grad_accum,
+    )
     steps_per_epoch = 1 if full_batch else len(batches)
     total_steps = steps_per_epoch * cfg.epochs
     if full_batch:  # each rank holds a contiguous shard of the training set
@@ -188,8 +227,9 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, full_batch, n_train, t_wa
         x_full, y_full = x_train.index_select(0, shard), y_train.index_select(0, shard)
 
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
-    module = create_model(cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes,
-                          **cfg.model.kwargs).to(dev)
+    module = create_model(
+        cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.kwargs
+    ).to(dev)
     step_model: nn.Module = pdist.wrap_ddp(module, dev) if ddp else module
     if hw.compile:
         step_model = torch.compile(step_model)
@@ -224,28 +264,50 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, full_batch, n_train, t_wa
             stats = loop.EpochStats(dev)
             if full_batch:
                 before_step(0)
-                steps += loop.full_batch_step(step_model, x_full, y_full, optimizer=optimizer, loss_fn=train_loss,
-                                              autocast=amp, schedule=schedule, stats=stats, total=n_train,
-                                              world_size=info.world_size)
+                steps += loop.full_batch_step(
+                    step_model,
+                    x_full,
+                    y_full,
+                    optimizer=optimizer,
+                    loss_fn=train_loss,
+                    autocast=amp,
+                    schedule=schedule,
+                    stats=stats,
+                    total=n_train,
+                    world_size=info.world_size,
+                )
                 if progress.bar is not None:
                     progress.step(1)
             else:
                 steps += loop.train_epoch(
-                    step_model, batches.epoch(epoch), optimizer=optimizer, loss_fn=train_loss, autocast=amp,
-                    schedule=schedule, scaler=scaler, stats=stats,
+                    step_model,
+                    batches.epoch(epoch),
+                    optimizer=optimizer,
+                    loss_fn=train_loss,
+                    autocast=amp,
+                    schedule=schedule,
+                    scaler=scaler,
+                    stats=stats,
                     on_step=progress.step if progress.bar is not None else None,
                     before_step=before_step if fail_at is not None else None,
                 )
             tr_loss, tr_acc = stats.read(reduce)  # the epoch's one sync; the timestamp below follows it
             epoch_seconds = time.perf_counter() - t0
             step_seconds += epoch_seconds
-            te_loss, te_acc = loop.evaluate(step_model, x_test, y_test, batch_size=cfg.eval_batch_size,
-                                            autocast=amp, loss_fn=eval_loss).read(reduce)
+            te_loss, te_acc = loop.evaluate(
+                step_model, x_test, y_test, batch_size=cfg.eval_batch_size, autocast=amp, loss_fn=eval_loss
+            ).read(reduce)
             elapsed = time.perf_counter() - t_loop
             row = {
-                "epoch": epoch + 1, "step": steps, "train_loss": tr_loss, "train_accuracy": tr_acc,
-                "test_loss": te_loss, "test_accuracy": te_acc, "lr": optimizer.param_groups[0]["lr"],
-                "epoch_seconds": epoch_seconds, "elapsed_seconds": elapsed,
+                "epoch": epoch + 1,
+                "step": steps,
+                "train_loss": tr_loss,
+                "train_accuracy": tr_acc,
+                "test_loss": te_loss,
+                "test_accuracy": te_acc,
+                "lr": optimizer.param_groups[0]["lr"],
+                "epoch_seconds": epoch_seconds,
+                "elapsed_seconds": elapsed,
                 "samples_per_second": n_train / epoch_seconds,
             }
             rows.append(row)
@@ -308,8 +370,13 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, full_batch, n_train, t_wa
         "schedule": cfg.optim.schedule,
         "model": cfg.model.name,
         "model_parameters": sum(p.numel() for p in module.parameters()),
-        "data": {"name": data.name, "train_rows": n_train, "test_rows": len(data.x_test),
-                 "input_shape": list(data.input_shape), "classes": data.num_classes},
+        "data": {
+            "name": data.name,
+            "train_rows": n_train,
+            "test_rows": len(data.x_test),
+            "input_shape": list(data.input_shape),
+            "classes": data.num_classes,
+        },
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "backend": ("nccl" if dev.type == "cuda" else "gloo") if ddp else None,
