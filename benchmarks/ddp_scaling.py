@@ -38,7 +38,11 @@ def config(rows: int, epochs: int, threads: int) -> dict:
         "data": {"name": "synthetic", "rows": rows, "features": 256, "classes": 10, "test_fraction": 0.05},
         "model": {"name": "mlp", "kwargs": {"hidden": 1024, "depth": 2}},
         "optim": {"name": "sgd", "lr": 0.01, "schedule": "constant"},
-        "batch_size": 512, "epochs": epochs, "threads": threads, "device": "cpu", "label_smoothing": 0.0,
+        "batch_size": 512,
+        "epochs": epochs,
+        "threads": threads,
+        "device": "cpu",
+        "label_smoothing": 0.0,
     }
 
 
@@ -66,10 +70,17 @@ def main() -> None:
     result = {
         "benchmark": "ddp_scaling",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "environment": {"cpu": cpu_name(), "cores": available_cores(), "torch": torch.__version__,
-                        "hpcml": hpcml.__version__, "python": platform.python_version()},
+        "environment": {
+            "cpu": cpu_name(),
+            "cores": available_cores(),
+            "torch": torch.__version__,
+            "hpcml": hpcml.__version__,
+            "python": platform.python_version(),
+        },
         "config": config(args.rows, args.epochs, 1),
-        "samples_per_second": {k: {"median": med[k], "min": min(v), "max": max(v), "runs": v} for k, v in samples.items()},
+        "samples_per_second": {
+            k: {"median": med[k], "min": min(v), "max": max(v), "runs": v} for k, v in samples.items()
+        },
         "scaling_efficiency_1_to_2": efficiency,
         "nproc2_vs_2_threads": vs_threads,
     }
@@ -78,8 +89,11 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     lines = ["| contender | samples/s (median) | min | max |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {med[k]:,.0f} | {min(v):,.0f} | {max(v):,.0f} |" for k, v in samples.items()]
-    lines += ["", f"Scaling efficiency 1 -> 2 processes: **{efficiency:.1%}**; "
-              f"2 processes vs 1 process with 2 threads: **{vs_threads:.2f}x**"]
+    lines += [
+        "",
+        f"Scaling efficiency 1 -> 2 processes: **{efficiency:.1%}**; "
+        f"2 processes vs 1 process with 2 threads: **{vs_threads:.2f}x**",
+    ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

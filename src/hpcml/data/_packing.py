@@ -101,7 +101,7 @@ def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
 
 def _finish_shard(writer: pq.ParquetWriter, path: Path, rows: int) -> dict[str, Any]:
     """Close, fsync and hash one shard: its manifest entry."""
-    from hpcml.models.io import sha256_file
+    from hpcml._files import sha256_file
 
     writer.close()
     with open(path, "rb") as f:

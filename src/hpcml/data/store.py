@@ -72,7 +72,7 @@ def pack(
     The source is streamed: memory use is one batch plus one open shard writer, whatever its size.
     `progress(rows_so_far)` is called after every batch.
     """
-    from hpcml.models.io import fsync_dir
+    from hpcml._files import fsync_dir
 
     if compression not in COMPRESSIONS:
         raise UsageError(f"compression={compression!r}; valid: {', '.join(COMPRESSIONS)}")

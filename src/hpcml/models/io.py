@@ -6,7 +6,6 @@ sha256 of the weights file, which is checked on every load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,28 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpcml._files import fsync_dir, sha256_file  # noqa: F401  (re-exported)
 from hpcml.data.preprocess import Normalizer
 from hpcml.errors import HpcmlError, UsageError
 from hpcml.models.registry import MODEL_NAMES, create_model
 
 FORMAT = "hpcml.model/1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Model:

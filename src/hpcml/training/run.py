@@ -161,14 +161,15 @@ def run_process(
     data = load_dataset(cfg.data)
     cfg = resolve_model_name(cfg, data)
 
-    full_batch = cfg.optim.name == "gd"
-    n_train = len(data.x_train)
+    # the compile decision depends on how many optimizer steps the run takes
+    per_step = cfg.batch_size * info.world_size * cfg.grad_accum
+    steps_per_epoch = 1 if cfg.optim.name == "gd" else -(-len(data.x_train) // per_step)
     hw = detect(
         device=cfg.device,
         precision=cfg.precision,
         compile=cfg.compile,
         threads=cfg.threads,
-        steps=cfg.epochs,
+        steps=steps_per_epoch * cfg.epochs,
         local_rank=info.local_rank,
         local_world_size=info.local_world_size,
     )
@@ -184,8 +185,6 @@ def run_process(
             info,
             out=out,
             quiet=quiet,
-            full_batch=full_batch,
-            n_train=n_train,
             t_wall=t_wall,
             fail_at=fail_at,
         )
@@ -199,7 +198,9 @@ def run_process(
             torch.distributed.destroy_process_group()
 
 
-def _run(cfg, data, hw, info: DistInfo, *, out, quiet, full_batch, n_train, t_wall, fail_at) -> Run | None:
+def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at) -> Run | None:
+    full_batch = cfg.optim.name == "gd"
+    n_train = len(data.x_train)
     ddp = info.world_size > 1
     reduce = pdist.all_reduce_sum if ddp else None
     normalizer = Normalizer.fit(data.x_train, method=cfg.data.normalize, per_feature=data.kind == "tabular")
@@ -328,6 +329,8 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, full_batch, n_train, t_wa
         if main:
             run_dir.close()
 
+    if not main:
+        return None
     meta = {
         "architecture": cfg.model.name,
         "kwargs": cfg.model.kwargs,
@@ -340,8 +343,6 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, full_batch, n_train, t_wa
         "hpcml_version": hpcml.__version__,
     }
     model = Model(module, meta)
-    if not main:
-        return None
     last = rows[-1]
     save_model(run_dir.path / "model", module, meta)
     run_dir.plot_curves(rows)
