@@ -98,6 +98,8 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     "  hpcml train --optimizer gd --lr 0.5 --epochs 200       # full-batch gradient descent\n\n"
     "  hpcml train --data synthetic --rows 100000 --features 64 --model mlp --model-kw hidden=512\n\n"
     "  hpcml train --config runs/X/config.yaml                # re-run a past run exactly\n\n"
+    "  hpcml train --checkpoint-every 200 --out runs/long     # checkpoint every 200 steps\n\n"
+    "  hpcml train --resume runs/long                         # continue after a crash, bit-exact\n\n"
     "  hpcml train --nproc 2 --batch-size 50                  # data parallel, 2 ranks x 50 = global 100\n\n"
     "  hpcml train --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500 --nproc 8   # on each node",
     no_args_is_help=False,
@@ -148,7 +150,23 @@ def train(
     rdzv_endpoint: Annotated[
         str | None, typer.Option(help="HOST:PORT of node 0 for multi-node (default 127.0.0.1:free port).")
     ] = None,
-    max_restarts: Annotated[int, typer.Option(help="Restart the rank group this often after a failure.")] = 0,
+    max_restarts: Annotated[
+        int,
+        typer.Option(
+            help="Restart the rank group this often after a failure; it resumes from the newest checkpoint."
+        ),
+    ] = 0,
+    checkpoint_every: Annotated[
+        str | None,
+        typer.Option(
+            help="Checkpoint every N steps ('500') or N epochs ('2e'); 'off' = only at the end. Default 1e."
+        ),
+    ] = None,
+    keep_checkpoints: Annotated[int | None, typer.Option(help="Newest checkpoints kept (default 2).")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue RUN_DIR from its newest valid checkpoint, with its own config.yaml."),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Any config field, dotted: --set optim.warmup_fraction=0.1"),
@@ -183,11 +201,30 @@ def train(
         "device": device,
         "threads": threads,
         "grad_accum": grad_accum,
+        "checkpoint.every": checkpoint_every,
+        "checkpoint.keep": keep_checkpoints,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if model_kw:
         overrides["model.kwargs"] = _parse_pairs(model_kw, "--model-kw")
     overrides.update(_parse_pairs(set_ or [], "--set"))
+    if resume is not None:
+        if overrides or config is not None or out is not None:
+            given = ", ".join(
+                ["--config"] * (config is not None) + ["--out"] * (out is not None) + list(overrides)
+            )
+            raise UsageError(
+                f"--resume continues {resume} with its own config.yaml; drop {given} (a changed config "
+                "would not continue the same run)"
+            )
+        from hpcml.training.run import train as run_train
+
+        run = run_train(
+            None, resume=resume, quiet=quiet or json_, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
+            rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts,
+        )  # fmt: skip
+        _show(run, json_=json_, quiet=quiet, node_rank=node_rank)
+        return
     if config is not None:
         from hpcml.config import load_config
 
@@ -210,6 +247,10 @@ def train(
         rdzv_endpoint=rdzv_endpoint,
         max_restarts=max_restarts,
     )
+    _show(run, json_=json_, quiet=quiet, node_rank=node_rank)
+
+
+def _show(run, *, json_: bool, quiet: bool, node_rank: int) -> None:
     if run is None:  # a node other than rank 0's: that node writes the run dir
         typer.echo(f"node {node_rank}: done (the node of rank 0 writes the run dir)", err=True)
     elif json_:
@@ -244,9 +285,23 @@ from hpcml.cli_data import data_app  # noqa: E402  (the `hpcml data` group; impo
 
 app.add_typer(data_app, name="data")
 
+from hpcml.cli_tasks import register as _register_tasks  # noqa: E402  (`hpcml sweep | predict`; no torch)
+
+_register_tasks(app)
+
+from hpcml.cli_bench import register as _register_bench  # noqa: E402  (`hpcml bench`; no torch)
+
+_register_bench(app)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Usage errors exit 2, runtime failures 1; no traceback unless --debug."""
+    import warnings
+
+    def _warn(message, category, *_args, **_kw) -> None:  # one line, not the file:line of the warning
+        typer.echo(f"hpcml: warning: {message}", err=True)
+
+    warnings.showwarning = _warn
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="hpcml", standalone_mode=False)

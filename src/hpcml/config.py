@@ -14,7 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hpcml.errors import UsageError
 
-__all__ = ["DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "load_config", "dump_config"]
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "load_config",
+    "dump_config",
+]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "gd")
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -39,6 +47,16 @@ class DataConfig(_Strict):
     classes: int = Field(4, ge=2, description="synthetic: number of classes")
     data_seed: int = Field(0, description="synthetic: generation seed")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="synthetic: share of rows held out")
+    # cross-validation (data/folds.py): fold `fold` of the training split, stratified and seeded by
+    # data_seed, becomes the evaluation ("test") split; the other folds train.
+    folds: int | None = Field(None, ge=2, description="cross-validation: folds of the training split")
+    fold: int = Field(0, ge=0, description="cross-validation: the fold held out for evaluation")
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> DataConfig:
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"data.fold must be in 0..{self.folds - 1} for data.folds={self.folds}")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -74,6 +92,37 @@ class OptimConfig(_Strict):
         return self
 
 
+class CheckpointConfig(_Strict):
+    """When checkpoints are written to `<run dir>/checkpoints/` (always also at the end of a run)."""
+
+    every: str | None = Field(
+        "1e", description="'N' = every N optimizer steps, 'Ne' = every N epochs, null = only at the end"
+    )
+    keep: int = Field(2, ge=1, description="newest checkpoints kept; the last good one is never deleted")
+    on_error: Literal["stop", "continue"] = Field(
+        "stop", description="a failed save (full disk, I/O error): stop the run, or warn and go on"
+    )
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _every(cls, v: str | int | None) -> str | None:
+        if v is None or str(v).strip().lower() in ("", "off", "none", "end"):
+            return None
+        text = str(v).strip().lower()
+        digits = text[:-1] if text.endswith("e") else text
+        if not digits.isdigit() or int(digits) < 1:
+            raise ValueError(f"expected N (steps), Ne (epochs) or off, got {v!r}")
+        return text
+
+    def interval(self) -> tuple[int, str] | None:
+        """(N, 'step' | 'epoch'), or None when only the final checkpoint is written."""
+        if self.every is None:
+            return None
+        if self.every.endswith("e"):
+            return int(self.every[:-1]), "epoch"
+        return int(self.every), "step"
+
+
 class TrainConfig(_Strict):
     """Everything that decides what a training run computes."""
 
@@ -91,6 +140,7 @@ class TrainConfig(_Strict):
     compile: Literal["auto", "on", "off"] = "auto"
     device: str = "auto"
     threads: int | None = Field(None, gt=0, description="torch threads per process; default: cores / procs")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @field_validator("device")
     @classmethod

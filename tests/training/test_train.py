@@ -38,6 +38,7 @@ def test_run_dir_contents(tmp_path, small_cfg):
     run = hpcml.train(small_cfg, out=tmp_path / "run")
     d = run.dir
     assert sorted(p.name for p in d.iterdir()) == [
+        "checkpoints",
         "config.yaml",
         "curves.png",
         "metrics.jsonl",
@@ -45,6 +46,8 @@ def test_run_dir_contents(tmp_path, small_cfg):
         "report.json",
     ]
     assert sorted(p.name for p in (d / "model").iterdir()) == ["model.json", "model.safetensors"]
+    # every epoch (the default) and at the end; the newest 2 are kept
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["step-00000016", "step-00000024"]
     report = json.loads((d / "report.json").read_text())
     assert REPORT_KEYS <= report.keys()
     assert report == json.loads(json.dumps(run.report))

@@ -27,6 +27,7 @@ class Micro:
     y: torch.Tensor
     weight: float  # loss multiplier; 1.0 for a full step on one process, 0.0 for a padding sample
     count: int  # real samples in this micro-batch (0 for padding)
+    index: torch.Tensor | None = None  # CPU row ids into the training split (for resume/trace checks)
 
 
 class DeviceBatches:
@@ -93,6 +94,8 @@ class DeviceBatches:
             micro = []
             for ids, w in step:
                 n = len(ids)
-                micro.append(Micro(x[pos : pos + n], y[pos : pos + n], w, n if w > 0 else 0))
+                micro.append(
+                    Micro(x[pos : pos + n], y[pos : pos + n], w, n if w > 0 else 0, ids if w > 0 else ids[:0])
+                )
                 pos += n
             yield micro

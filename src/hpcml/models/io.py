@@ -2,10 +2,16 @@
 
 model.json holds the architecture name and kwargs, input shape, classes, preprocessing stats and the
 sha256 of the weights file, which is checked on every load.
+
+Encrypted model dirs (`key=`, or HPCML_KEY_FILE / HPCML_KEY at train time): model.safetensors is an
+AES-256-GCM blob (associated data `model/model.safetensors`), and model.json keeps only the format,
+the cipher, the key fingerprint, the weights' sha256 and the metadata as another AES-GCM blob, with an
+HMAC over it all: a wrong key, a modified model.json and modified weights are each a clear error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -73,12 +79,59 @@ class Model:
         return self.logits(x, batch_size=batch_size).argmax(1).numpy()
 
 
-def save_model(out: str | Path, module: nn.Module, meta: dict[str, Any]) -> Path:
+def _canonical(doc: dict[str, Any]) -> bytes:
+    return json.dumps({k: v for k, v in doc.items() if k != "hmac"}, sort_keys=True).encode()
+
+
+def _seal(meta: dict[str, Any], blob: bytes, key: bytes) -> tuple[dict[str, Any], bytes]:
+    """(model.json document, weights bytes) of an encrypted model dir."""
+    import base64
+
+    from hpcml.training.crypto import encrypt_bytes, key_id, mac
+
+    weights = encrypt_bytes(blob, key, aad=b"model/model.safetensors")
+    sealed = encrypt_bytes(json.dumps(meta).encode(), key, aad=b"model/model.json")
+    doc = {
+        "format": FORMAT,
+        "encryption": {"cipher": "AES-256-GCM", "key_id": key_id(key)},
+        "sealed_meta": base64.b64encode(sealed).decode(),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+    }
+    doc["hmac"] = mac(key, _canonical(doc), purpose="model manifest")
+    return doc, weights
+
+
+def _unseal(doc: dict[str, Any], meta_path: Path, key: bytes | None) -> tuple[dict[str, Any], bytes]:
+    """Check an encrypted model.json (key fingerprint, HMAC); return (meta, key)."""
+    import base64
+    import hmac as _hmac
+
+    from hpcml.training.crypto import decrypt_bytes, key_from_env, key_id, mac
+
+    key = key if key is not None else key_from_env()
+    if key is None:
+        raise UsageError(
+            f"{meta_path.parent}: the model dir is encrypted; set HPCML_KEY_FILE (a 0600 file) or HPCML_KEY"
+        )
+    if doc["encryption"].get("key_id") != key_id(key):
+        raise HpcmlError(f"{meta_path.parent}: wrong key (this model dir was encrypted with another key)")
+    if not _hmac.compare_digest(
+        str(doc.get("hmac", "")), mac(key, _canonical(doc), purpose="model manifest")
+    ):
+        raise HpcmlError(f"{meta_path}: authentication failed: model.json was modified")
+    plain = decrypt_bytes(
+        base64.b64decode(doc["sealed_meta"]), key, aad=b"model/model.json", name=str(meta_path)
+    )
+    return {**json.loads(plain), "weights_sha256": doc["weights_sha256"]}, key
+
+
+def save_model(out: str | Path, module: nn.Module, meta: dict[str, Any], *, key: bytes | None = None) -> Path:
     """Write the model dir atomically: a temporary sibling folder, fsynced, renamed into place.
 
-    A crash at any point leaves either no `out` or a complete one, never a half-written dir.
+    A crash at any point leaves either no `out` or a complete one, never a half-written dir. With a
+    `key` (32 bytes) the dir is encrypted (see the module docstring).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,9 +139,14 @@ def save_model(out: str | Path, module: nn.Module, meta: dict[str, Any]) -> Path
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
         weights = tmp / "model.safetensors"
-        save_file(state, str(weights), metadata={"format": FORMAT})
-        meta = {"format": FORMAT, **meta, "weights_sha256": sha256_file(weights)}
-        (tmp / "model.json").write_text(json.dumps(meta, indent=2))
+        blob = save(state, metadata={"format": FORMAT})
+        if key is None:
+            weights.write_bytes(blob)
+            doc = {"format": FORMAT, **meta, "weights_sha256": sha256_file(weights)}
+        else:
+            doc, blob = _seal({"format": FORMAT, **meta}, blob, key)
+            weights.write_bytes(blob)
+        (tmp / "model.json").write_text(json.dumps(doc, indent=2))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -112,10 +170,11 @@ def refuse_pickle(path: Path) -> None:
         )
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Model:
-    """Load a model dir, verifying the weights' sha256 against model.json."""
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", key: bytes | None = None) -> Model:
+    """Load a model dir, verifying the weights' sha256 against model.json. An encrypted dir needs
+    `key` or HPCML_KEY_FILE / HPCML_KEY in the environment."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(path)
     refuse_pickle(path)
@@ -129,15 +188,20 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Model
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise HpcmlError(f"{meta_path}: not valid JSON ({err})") from None
-    for key in ("architecture", "kwargs", "input_shape", "classes", "preprocessing", "weights_sha256"):
-        if key not in meta:
-            raise HpcmlError(f"{meta_path}: missing field {key!r}")
+    if isinstance(meta, dict) and "encryption" in meta:
+        meta, key = _unseal(meta, meta_path, key)
+    else:
+        key = None
+    for field in ("architecture", "kwargs", "input_shape", "classes", "preprocessing", "weights_sha256"):
+        if field not in meta:
+            raise HpcmlError(f"{meta_path}: missing field {field!r}")
     if meta["architecture"] not in MODEL_NAMES:
         raise HpcmlError(
             f"{meta_path}: architecture {meta['architecture']!r} is not a registered hpcml model "
             f"({', '.join(MODEL_NAMES)}); hpcml does not import code named in a model file"
         )
-    digest = sha256_file(weights)
+    blob = weights.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
     if digest != meta["weights_sha256"]:
         raise HpcmlError(
             f"{weights}: sha256 mismatch (file {digest[:12]}..., model.json says "
@@ -149,8 +213,12 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Model
         num_classes=meta["num_outputs"],
         **meta["kwargs"],
     )
+    if key is not None:
+        from hpcml.training.crypto import decrypt_bytes
+
+        blob = decrypt_bytes(blob, key, aad=b"model/model.safetensors", name=str(weights))
     try:
-        state = load_file(str(weights))
+        state = load(blob)
     except SafetensorError as err:
         raise HpcmlError(f"{weights}: unreadable safetensors file ({err})") from None
     try:

@@ -38,7 +38,20 @@ def init_process_group(info: DistInfo, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=COLLECTIVE_TIMEOUT)
+    store = None
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # The static rendezvous keeps one agent store across elastic restarts and torch adds no
+        # per-attempt prefix, so a restarted rank could read the dead attempt's gloo addresses and
+        # fail with "connection refused". A prefix per attempt keeps each attempt's keys apart.
+        client = dist.TCPStore(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), info.world_size, is_master=False,
+            timeout=COLLECTIVE_TIMEOUT,
+        )  # fmt: skip
+        store = dist.PrefixStore(f"hpcml/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
+    dist.init_process_group(
+        backend, store=store, rank=info.rank, world_size=info.world_size, timeout=COLLECTIVE_TIMEOUT
+    )
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:

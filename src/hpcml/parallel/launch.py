@@ -53,6 +53,7 @@ def launch(
     rdzv_endpoint: str | None = None,
     max_restarts: int = 0,
     quiet: bool = True,
+    resume: bool = False,
 ) -> bool:
     """Run `cfg` on nproc ranks on this node (and nnodes nodes in all). True where the run dir was written."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -88,7 +89,10 @@ def launch(
             monitor_interval=0.2,
             start_method="spawn",
         )
-        args = ["-m", "hpcml.parallel.worker", str(cfg_path), str(out), "--quiet" if quiet else "--progress"]
+        args = [
+            "-m", "hpcml.parallel.worker", str(cfg_path), str(out), "--quiet" if quiet else "--progress",
+            "--resume" if resume else "--fresh",
+        ]  # fmt: skip
         try:
             elastic_launch(lc, sys.executable)(*args)
         except ChildFailedError as err:

@@ -1,4 +1,6 @@
-"""One DDP rank: `python -m hpcml.parallel.worker CONFIG OUT [--quiet|--progress]`, started by launch.py.
+"""One DDP rank: `python -m hpcml.parallel.worker CONFIG OUT --quiet|--progress --resume|--fresh`,
+started by launch.py. After an elastic restart (TORCHELASTIC_RESTART_COUNT > 0) the rank resumes from
+the newest checkpoint in OUT when there is one.
 
 Errors are reported as one line on stderr and in the elastic error file (so the launcher can name the
 rank and its message), never as a bare traceback.
@@ -35,16 +37,16 @@ def main(argv: list[str]) -> int:
     from hpcml.parallel.dist import DistInfo
     from hpcml.training.run import run_process
 
-    cfg_path, out, mode = argv
+    cfg_path, out, mode, start = argv
     info = DistInfo.from_env()
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
-        fail_at = os.environ.get("HPCML_TEST_FAIL_AT")  # test hook "RANK:STEP": raise on that rank
         run_process(
             load_config(cfg_path),
             out=out,
             quiet=mode == "--quiet",
             dist=info,
-            fail_at=tuple(map(int, fail_at.split(":"))) if fail_at else None,
+            resume="auto" if restarted else start == "--resume",
         )
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the rank exits 1
         _write_error_file(exc)

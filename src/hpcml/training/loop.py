@@ -27,18 +27,26 @@ class EpochStats:
         self.correct += (logits.detach().argmax(1) == y).sum()
         self.count += n
 
-    def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
-        """Mean loss and accuracy; `reduce` sums the totals across ranks (an all-reduce)."""
-        totals = torch.stack(
+    def totals(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
+        """[loss sum, correct, count] so far, summed over ranks (a sync; used at checkpoints only)."""
+        t = torch.stack(
             [
                 self.loss.double(),
                 self.correct.double(),
                 torch.tensor(float(self.count), dtype=torch.float64, device=self.loss.device),
             ]
         )
-        if reduce is not None:
-            totals = reduce(totals)
-        loss, correct, count = totals.tolist()  # note: a host-device sync, once per epoch
+        return (reduce(t) if reduce is not None else t).tolist()
+
+    def load(self, totals: list[float]) -> None:
+        """Carry the sums of a half-done epoch over from a checkpoint (on one rank only)."""
+        self.loss.fill_(totals[0])
+        self.correct.fill_(int(totals[1]))
+        self.count = int(totals[2])
+
+    def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
+        """Mean loss and accuracy; `reduce` sums the totals across ranks (an all-reduce)."""
+        loss, correct, count = self.totals(reduce)  # note: a host-device sync, once per epoch
         count = max(count, 1.0)
         return loss / count, correct / count
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from hpcml.models.registry import create_model, default_model_for
 from hpcml.parallel import dist as pdist
 from hpcml.parallel.dist import DistInfo
 from hpcml.training import loop
+from hpcml.training.hooks import Progress, Trace, fail_hook
 from hpcml.training.optim import build_optimizer, build_schedule
 from hpcml.training.precision import autocast, cpu_name, detect
 from hpcml.training.report import RunDir, default_run_dir
@@ -64,44 +67,6 @@ def resolve_model_name(cfg: TrainConfig, data: Dataset) -> TrainConfig:
     return cfg.model_copy(update={"model": model})
 
 
-class _Progress:
-    """A rich progress bar on a TTY (epoch, loss, accuracy, samples/s); silent otherwise."""
-
-    def __init__(self, enabled: bool, total_steps: int, epochs: int):
-        self.bar = None
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.description}"),
-            transient=False,
-        )
-        self.bar.start()
-        self.task = self.bar.add_task(f"epoch 1/{epochs}", total=total_steps)
-
-    def step(self, _n: int) -> None:
-        self.bar.advance(self.task)
-
-    def epoch(self, row: dict[str, Any], epochs: int) -> None:
-        if self.bar is not None:
-            self.bar.update(
-                self.task,
-                description=(
-                    f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  "
-                    f"test acc {row['test_accuracy']:.4f}  {row['samples_per_second']:,.0f} samples/s"
-                ),
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def train(
     config: TrainConfig | dict | str | Path | None = None,
     *,
@@ -112,6 +77,7 @@ def train(
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,
     max_restarts: int = 0,
+    resume: str | Path | None = None,
 ) -> Run | None:
     """Train a model as `config` says and write the run dir. Returns a `Run`.
 
@@ -120,10 +86,23 @@ def train(
     `nproc > 1` (or `nnodes > 1`) trains data-parallel on that many ranks per node through
     torch.distributed's elastic launcher; `batch_size` is per rank. Only the node of rank 0 writes the
     run dir; on the other nodes this returns None.
+
+    `resume=RUN_DIR` continues that run from its newest valid checkpoint, with its own config.yaml
+    (`config` must then be None) and the same layout. With `max_restarts` > 0 a restarted rank group
+    resumes from the newest checkpoint by itself.
     """
+    if resume is not None:
+        if config is not None:
+            raise hpcml.UsageError("resume takes the config from RUN_DIR/config.yaml; pass no config")
+        if out is not None and Path(out) != Path(resume):
+            raise hpcml.UsageError("resume continues RUN_DIR in place; pass no separate out")
+        resume = Path(resume)
+        if not (resume / "config.yaml").is_file():
+            raise hpcml.UsageError(f"{resume}: not a run dir (no config.yaml), nothing to resume")
+        config, out = resume / "config.yaml", resume
     cfg = as_config(config)
     if nproc == 1 and nnodes == 1:
-        return run_process(cfg, out=out, quiet=quiet)
+        return run_process(cfg, out=out, quiet=quiet, resume=resume is not None)
     from hpcml.models.io import load_model
     from hpcml.parallel.launch import launch
 
@@ -139,6 +118,7 @@ def train(
         rdzv_endpoint=rdzv_endpoint,
         max_restarts=max_restarts,
         quiet=quiet,
+        resume=resume is not None,
     ):
         return None
     report = json.loads((out / "report.json").read_text())
@@ -152,9 +132,14 @@ def run_process(
     out: str | Path | None,
     quiet: bool,
     dist: DistInfo | None = None,
-    fail_at: tuple[int, int] | None = None,
+    fail_at: tuple | None = None,
+    resume: bool | str = False,
 ) -> Run | None:
-    """The training run of one process: the whole job, or one rank of a data-parallel job."""
+    """The training run of one process: the whole job, or one rank of a data-parallel job.
+
+    `resume`: True = continue from the newest checkpoint in `out` (an error if there is none),
+    "auto" = continue if there is one (an elastic restart), False = a fresh run.
+    """
     t_wall = time.perf_counter()
     info = dist or DistInfo()
     ddp = info.world_size > 1
@@ -187,6 +172,7 @@ def run_process(
             quiet=quiet,
             t_wall=t_wall,
             fail_at=fail_at,
+            resume=resume,
         )
         if ddp:
             torch.distributed.barrier()  # rank 0 has written the run dir before anyone tears down
@@ -198,7 +184,10 @@ def run_process(
             torch.distributed.destroy_process_group()
 
 
-def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at) -> Run | None:
+def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) -> Run | None:
+    from hpcml.training.crypto import key_from_env
+    from hpcml.training.resume import Checkpointer, find_resume_point, refuse_existing
+
     full_batch = cfg.optim.name == "gd"
     n_train = len(data.x_train)
     ddp = info.world_size > 1
@@ -244,27 +233,81 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at) -> Run |
     main = info.is_main
     if out is None:
         out = default_run_dir(cfg, cfg.model.name)
+    ckpt_root = Path(out) / "checkpoints"
+    key = key_from_env()  # None unless HPCML_KEY_FILE / HPCML_KEY is set; never logged
+    global_batch = n_train if full_batch else batches.global_batch
+    layout = {"world_size": info.world_size, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch}
+    point = None
+    if resume:
+        point = find_resume_point(ckpt_root, key=key, required=resume is True, layout=layout)
+    elif main:
+        refuse_existing(ckpt_root)
+    if point is not None:  # after the scheduler is built (it rewrites the lr), before the first step
+        point.checkpoint.restore(module, optimizer, schedule, scaler, rng=True)
+    ckpt = Checkpointer(
+        ckpt_root, cfg.checkpoint, steps_per_epoch=steps_per_epoch, main=main, key=key, layout=layout
+    )
     run_dir = RunDir(Path(out)) if main else None
+    rows: list[dict[str, Any]] = list(point.rows) if point else []
     if main:
         run_dir.write_config(cfg)
-    progress = _Progress(main and not quiet and sys.stderr.isatty(), total_steps, cfg.epochs)
+        for row in rows:  # metrics.jsonl holds exactly the epochs the checkpoint has seen
+            run_dir.log_epoch(row)
+    progress = Progress(main and not quiet and sys.stderr.isatty(), total_steps, cfg.epochs)
+    hook = fail_hook(fail_at)
+    trace = Trace(info.rank)
 
     def before_step(i: int) -> None:  # test hook: fail on a chosen rank and global step
-        if fail_at is not None and fail_at[0] == info.rank and steps + i == fail_at[1]:
-            raise RuntimeError(f"injected failure at step {fail_at[1]}")
+        if hook[0] == info.rank and steps + i == hook[1]:
+            if hook[2] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected failure at step {hook[1]}")
 
-    global_batch = n_train if full_batch else batches.global_batch
-    rows: list[dict[str, Any]] = []
-    steps = 0
-    step_seconds = 0.0
-    time_to_target = None
+    steps = point.step if point else 0
+    step_seconds = point.step_seconds if point else 0.0
+    time_to_target = point.time_to_target if point else None
+    prior_seconds = point.train_seconds if point else 0.0
+    start_epoch = point.epoch if point else 0
+    finished = bool(point and point.finished)
+
+    def state(epoch: int, *, stats: list[float] | None = None, done: bool = False) -> dict[str, Any]:
+        return {
+            "rows": rows,
+            "stats": stats,
+            "train_seconds": prior_seconds + time.perf_counter() - t_loop,
+            "step_seconds": step_seconds,
+            "checkpoint_seconds": (point.checkpoint_seconds if point else 0.0) + ckpt.seconds,
+            "time_to_target": time_to_target,
+            "finished": done,
+            "restarts": (point.restarts + 1) if point else 0,
+        }
+
+    def save(step: int, epoch: int, batch: int, **kw) -> None:
+        ckpt.save(
+            step=step, epoch=epoch, batch=batch, module=module, optimizer=optimizer, schedule=schedule,
+            scaler=scaler, extra=state(epoch, **kw),
+        )  # fmt: skip
+
     t_loop = time.perf_counter()
     try:
-        for epoch in range(cfg.epochs):
+        for epoch in range(start_epoch, cfg.epochs if not finished else start_epoch):
+            start = point.batch if (point and epoch == point.epoch) else 0
             t0 = time.perf_counter()
+            ckpt_before = ckpt.seconds
             stats = loop.EpochStats(dev)
+            if start and point.stats is not None and main:
+                stats.load(point.stats)  # the half-done epoch's sums, over all ranks, added once
+
+            def after_step(n: int, epoch=epoch, start=start, stats=stats, base=steps) -> None:
+                trace.done(base + n - 1)
+                if progress.bar is not None:
+                    progress.step(n)
+                if ckpt.due_mid_epoch(base + n, start + n):
+                    save(base + n, epoch, start + n, stats=stats.totals(reduce))  # all ranks reduce
+
             if full_batch:
-                before_step(0)
+                if hook is not None:
+                    before_step(0)
                 steps += loop.full_batch_step(
                     step_model,
                     x_full,
@@ -282,23 +325,23 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at) -> Run |
             else:
                 steps += loop.train_epoch(
                     step_model,
-                    batches.epoch(epoch),
+                    trace.wrap(batches.epoch(epoch, start=start)),
                     optimizer=optimizer,
                     loss_fn=train_loss,
                     autocast=amp,
                     schedule=schedule,
                     scaler=scaler,
                     stats=stats,
-                    on_step=progress.step if progress.bar is not None else None,
-                    before_step=before_step if fail_at is not None else None,
+                    on_step=after_step,
+                    before_step=before_step if hook is not None else None,
                 )
             tr_loss, tr_acc = stats.read(reduce)  # the epoch's one sync; the timestamp below follows it
-            epoch_seconds = time.perf_counter() - t0
+            epoch_seconds = time.perf_counter() - t0 - (ckpt.seconds - ckpt_before)
             step_seconds += epoch_seconds
             te_loss, te_acc = loop.evaluate(
                 step_model, x_test, y_test, batch_size=cfg.eval_batch_size, autocast=amp, loss_fn=eval_loss
             ).read(reduce)
-            elapsed = time.perf_counter() - t_loop
+            elapsed = prior_seconds + time.perf_counter() - t_loop
             row = {
                 "epoch": epoch + 1,
                 "step": steps,
@@ -309,7 +352,7 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at) -> Run |
                 "lr": optimizer.param_groups[0]["lr"],
                 "epoch_seconds": epoch_seconds,
                 "elapsed_seconds": elapsed,
-                "samples_per_second": n_train / epoch_seconds,
+                "samples_per_second": n_train * (steps_per_epoch - start) / steps_per_epoch / epoch_seconds,
             }
             rows.append(row)
             if main:
@@ -323,9 +366,14 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at) -> Run |
             if cfg.target_accuracy is not None and te_acc >= cfg.target_accuracy:
                 time_to_target = elapsed
                 break
-        train_seconds = time.perf_counter() - t_loop
+            if ckpt.due_epoch_end(steps, epoch + 1) and epoch + 1 < cfg.epochs:
+                save(steps, epoch + 1, 0)
+        if not finished:  # the final checkpoint, marked finished: resuming it only rewrites the report
+            save(steps, len(rows), 0, done=True)
+        train_seconds = prior_seconds + time.perf_counter() - t_loop
     finally:
         progress.close()
+        trace.close()
         if main:
             run_dir.close()
 
@@ -344,7 +392,7 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at) -> Run |
     }
     model = Model(module, meta)
     last = rows[-1]
-    save_model(run_dir.path / "model", module, meta)
+    save_model(run_dir.path / "model", module, meta, key=key)
     run_dir.plot_curves(rows)
     report = {
         "test_accuracy": last["test_accuracy"],
@@ -362,6 +410,17 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at) -> Run |
         "target_accuracy": cfg.target_accuracy,
         "time_to_target_seconds": time_to_target,
         "stopped_early": len(rows) < cfg.epochs,
+        "checkpoints": {
+            "every": cfg.checkpoint.every,
+            "saved": ckpt.saves,
+            "seconds": ckpt.seconds + (point.checkpoint_seconds if point else 0.0),
+            "share_of_train_time": (ckpt.seconds + (point.checkpoint_seconds if point else 0.0))
+            / max(train_seconds, 1e-9),
+            "encrypted": key is not None,
+            "failures": ckpt.failures,
+        },
+        "resumed_from_step": point.step if point else None,
+        "restarts": point.restarts + 1 if point else 0,
         "world_size": info.world_size,
         "batch_size": (n_train // info.world_size) if full_batch else batches.batch_size,
         "grad_accum": 1 if full_batch else cfg.grad_accum,

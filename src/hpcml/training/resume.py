@@ -1,0 +1,182 @@
+"""When a run checkpoints, and how it picks up again: the policy around checkpoint.py's format.
+
+A checkpoint records where the *next* step starts (epoch, batch inside the epoch) and the global step.
+The data order is a pure function of (seed, epoch) (data/loader.py), so resuming at (epoch, batch)
+replays exactly the steps the uninterrupted run would have taken, and the restored RNG, optimizer and
+schedule states make those steps compute the same numbers: the final weights are `torch.equal`.
+
+Besides the tensors, a checkpoint carries (as JSON `extra`) what the run dir needs to continue as if
+nothing happened: the metrics rows so far, the time spent, the partial sums of a half-done epoch
+(all-reduced over ranks, so rank 0 alone restores them), and the layout (world size, global batch),
+which must match on resume: a different layout would change the data order.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpcml.config import CheckpointConfig
+from hpcml.errors import HpcmlError, UsageError
+from hpcml.training.checkpoint import (
+    Checkpoint,
+    CheckpointWarning,
+    find_checkpoints,
+    load_latest,
+    save_checkpoint,
+)
+
+__all__ = ["Checkpointer", "ResumePoint", "find_resume_point"]
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run starts and what it carries over."""
+
+    checkpoint: Checkpoint
+    step: int
+    epoch: int
+    batch: int
+    rows: list[dict[str, Any]]
+    stats: list[float] | None  # [loss sum, correct, count] of the half-done epoch, over all ranks
+    train_seconds: float
+    step_seconds: float
+    checkpoint_seconds: float
+    time_to_target: float | None
+    finished: bool
+    restarts: int = field(default=0)
+
+
+def find_resume_point(
+    root: Path, *, key: bytes | None, required: bool, layout: dict[str, int]
+) -> ResumePoint | None:
+    """The newest valid checkpoint under `root` as a ResumePoint; None when there is none and
+    `required` is False. Checkpoints that fail verification are skipped with a warning (load_latest)."""
+    ckpt = load_latest(root, key=key)
+    if ckpt is None:
+        if required:
+            raise UsageError(f"{root}: no checkpoint to resume from (was the run started with checkpoints?)")
+        return None
+    extra = ckpt.extra
+    saved = extra.get("layout", {})
+    if saved != layout:
+        diff = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in layout.items() if saved.get(k) != v)
+        raise UsageError(
+            f"{ckpt.path}: written by a run with a different layout ({diff}); resume with the same "
+            "--nproc/--nnodes and batch settings, so the data order stays the same"
+        )
+    return ResumePoint(
+        checkpoint=ckpt,
+        step=ckpt.step,
+        epoch=ckpt.epoch,
+        batch=ckpt.batch,
+        rows=list(extra.get("rows", [])),
+        stats=extra.get("stats"),
+        train_seconds=float(extra.get("train_seconds", 0.0)),
+        step_seconds=float(extra.get("step_seconds", 0.0)),
+        checkpoint_seconds=float(extra.get("checkpoint_seconds", 0.0)),
+        time_to_target=extra.get("time_to_target"),
+        finished=bool(extra.get("finished", False)),
+        restarts=int(extra.get("restarts", 0)),
+    )
+
+
+def refuse_existing(root: Path) -> None:
+    """A fresh run must not adopt (and later prune) another run's checkpoints."""
+    if find_checkpoints(root):
+        run_dir = root.parent
+        raise UsageError(
+            f"{run_dir} already has checkpoints; continue it with `hpcml train --resume {run_dir}` "
+            "or train into a new --out"
+        )
+
+
+class Checkpointer:
+    """Decides when to save and writes the checkpoint (rank 0); times every save for the report."""
+
+    def __init__(
+        self,
+        root: Path,
+        cfg: CheckpointConfig,
+        *,
+        steps_per_epoch: int,
+        main: bool,
+        key: bytes | None,
+        layout: dict[str, int],
+    ):
+        self.root, self.cfg, self.main, self.key, self.layout = root, cfg, main, key, layout
+        self.steps_per_epoch = steps_per_epoch
+        self.interval = cfg.interval()
+        self.seconds = 0.0  # total time spent saving, this process
+        self.saves = 0
+        self.failures: list[str] = []
+        self.last_step: int | None = None
+
+    def due_mid_epoch(self, step: int, batch: int) -> bool:
+        """After global step `step`, with `batch` steps of the epoch done (the end of an epoch is
+        handled by due_epoch_end, after the epoch's evaluation)."""
+        return (
+            self.interval is not None
+            and self.interval[1] == "step"
+            and step % self.interval[0] == 0
+            and batch < self.steps_per_epoch
+        )
+
+    def due_epoch_end(self, step: int, epochs_done: int) -> bool:
+        if self.interval is None:
+            return False
+        n, unit = self.interval
+        return epochs_done % n == 0 if unit == "epoch" else step % n == 0
+
+    def save(
+        self,
+        *,
+        step: int,
+        epoch: int,
+        batch: int,
+        module: torch.nn.Module,
+        optimizer: Any,
+        schedule: Any,
+        scaler: Any,
+        extra: dict[str, Any],
+    ) -> None:
+        """Write a checkpoint on rank 0. On an I/O failure the previous checkpoints stay intact; the
+        policy `on_error` then stops the run (HpcmlError) or warns and goes on."""
+        self.last_step = step
+        if not self.main:
+            return
+        t0 = time.perf_counter()
+        try:
+            save_checkpoint(
+                self.root,
+                step=step,
+                model=module,
+                optimizer=optimizer,
+                scheduler=schedule,
+                scaler=scaler,
+                epoch=epoch,
+                batch=batch,
+                extra={**extra, "layout": self.layout},
+                keep=self.cfg.keep,
+                key=self.key,
+            )
+            self.saves += 1
+        except HpcmlError as err:
+            if self.cfg.on_error == "stop":
+                raise HpcmlError(
+                    f"checkpoint at step {step} failed, so the run stops (checkpoint.on_error=stop); "
+                    f"the previous checkpoints are intact: {err}"
+                ) from None
+            self.failures.append(f"step {step}: {err}")
+            warnings.warn(
+                f"checkpoint at step {step} failed; training goes on (checkpoint.on_error=continue): {err}",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+        finally:
+            self.seconds += time.perf_counter() - t0
