@@ -78,16 +78,21 @@ def _size(n: int) -> str:
 
 
 @data_app.command(
-    help="Pack a CSV, Parquet or NumPy file (local path or fsspec URL) into a store: Parquet shards (zstd) "
+    help="Pack a CSV, Parquet or NumPy file or an image folder (one subfolder per class of PNG/JPEG; "
+    "local path or fsspec URL) into a store: Parquet shards (zstd) "
     "+ manifest.json with sha256 per shard. The source is streamed, so it may be larger than memory; the "
     "store appears only when complete.\n\n"
     "Examples:\n\n"
     "  hpcml data pack iris.csv --out stores/iris --target species\n\n"
-    "  hpcml data pack s3://bucket/big.parquet --out stores/big --target y --shard-rows 500000 --json",
+    "  hpcml data pack s3://bucket/big.parquet --out stores/big --target y --shard-rows 500000 --json\n\n"
+    "  hpcml data pack photos/ --out stores/photos --image-size 64",
 )
 def pack(
     src: Annotated[
-        str, typer.Argument(metavar="SRC", help="Source file or URL (.csv[.gz], .parquet, .npz, .npy).")
+        str,
+        typer.Argument(
+            metavar="SRC", help="Source file, image folder or URL (.csv[.gz], .parquet, .npz, .npy)."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Store folder to create (local).")],
     target: Annotated[str | None, typer.Option(help="Label column (recorded with its classes).")] = None,
@@ -99,15 +104,21 @@ def pack(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing store at --out.")
     ] = False,
+    image_size: Annotated[
+        str | None, typer.Option(help="Image folders: resize to N or HxW (default: all must match).")
+    ] = None,
+    image_mode: Annotated[str, typer.Option(help="Image folders: auto, L (gray) or RGB.")] = "auto",
     json_: Annotated[bool, _JSON] = False,
 ) -> None:
     store = _store()
     kw = {} if shard_rows is None else {"shard_rows": shard_rows}
+    if image_size is not None:
+        kw["image_size"] = _image_size(image_size)
     t0 = time.perf_counter()
     with _progress(not json_, "packing rows", None) as progress:
         manifest = store.pack(
             src, out, target=target, features=feature, compression=compression, overwrite=overwrite,
-            progress=progress, **kw,
+            progress=progress, image_mode=image_mode, **kw,
         )  # fmt: skip
     seconds = time.perf_counter() - t0
     rows, nbytes = manifest["total_rows"], sum(s["bytes"] for s in manifest["shards"])
@@ -173,6 +184,19 @@ def info(
         ("source", f"{source.get('path', '?')} ({source.get('format', '?')})"),
         ("created", f"{summary['created_utc']} by hpcml {summary['hpcml_version']}"),
     ])  # fmt: skip
+
+
+def _image_size(text: str) -> int | tuple[int, int]:
+    """'32' -> 32, '32x48' -> (32, 48) (height x width)."""
+    from hpcml.errors import UsageError
+
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise UsageError(f"--image-size {text!r}: give N or HxW, e.g. 32 or 32x48")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
 def _classes(classes: list[str] | None) -> str:

@@ -34,7 +34,8 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """Where the data comes from. `name` is a built-in dataset (see `hpcml.data.list_datasets()`)."""
+    """Where the data comes from: `name` is a built-in dataset (`hpcml.data.list_datasets()`) or the
+    path / fsspec URL of a CSV, Parquet, NumPy file, image folder or hpcml dataset store."""
 
     name: str = "mnist1d"
     layout: Literal["auto", "flat", "image"] = Field(
@@ -46,7 +47,24 @@ class DataConfig(_Strict):
     features: int = Field(32, gt=0, description="synthetic: number of features")
     classes: int = Field(4, ge=2, description="synthetic: number of classes")
     data_seed: int = Field(0, description="synthetic: generation seed")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="synthetic: share of rows held out")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="synthetic and files: share of rows held out")
+    # user files and stores (data/user.py)
+    target: str | None = Field(None, description="label column (NumPy: array name, default y)")
+    columns: list[str] | None = Field(None, description="feature columns (default: all but the target)")
+    missing: Literal["drop", "mean", "median", "error"] = Field(
+        "drop", description="rows with NaN/Inf features or no label: drop, impute (mean/median) or fail"
+    )
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto", description="auto: regression when the target has non-integral numbers"
+    )
+    drop_duplicates: bool = Field(False, description="drop repeated (features, label) rows (always counted)")
+    drop_constant: bool = Field(False, description="drop constant feature columns (always reported)")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of training rows held out for validation")
+    test_data: str | None = Field(None, description="a separate test file/store instead of test_fraction")
+    image_size: int | None = Field(None, gt=0, description="image folders: resize every image to N x N")
+    memory_budget: str | None = Field(
+        None, description="stores larger than this stream from disk (e.g. 64MB, 2GiB); default 25% of RAM"
+    )
     # cross-validation (data/folds.py): fold `fold` of the training split, stratified and seeded by
     # data_seed, becomes the evaluation ("test") split; the other folds train.
     folds: int | None = Field(None, ge=2, description="cross-validation: folds of the training split")

@@ -1,10 +1,11 @@
-"""User files -> arrays: CSV, Parquet and NumPy, from a local path or any fsspec URL.
+"""User files -> arrays: CSV, Parquet, NumPy and image folders, from a local path or any fsspec URL.
 
 Formats (picked by extension; `.gz`/`.bz2`/`.xz` on a CSV are decompressed on the fly):
   `.csv`              header row required; every feature column must be numeric
   `.parquet`, `.pq`   feature columns must be numeric (int, float, bool)
   `.npz`              features in array `x` (N, ...), labels in the array named by `target` (default `y`)
   `.npy`              `foo.npy` holds the features, the sibling `foo.labels.npy` the labels
+  a folder            one subfolder per class of .png/.jpg/.jpeg images (images.py; `image_size`)
 NumPy files are always loaded with allow_pickle=False; an object array is refused.
 Any URL fsspec knows works (file://, memory://, s3:// with s3fs, gs:// with gcsfs, ...).
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -64,6 +65,7 @@ class TableSource:
     feature_shape: list[int] | None = None  # NumPy sources with x.ndim > 2 (images, sequences)
     bytes: int | None = None
     url: str = ""  # absolute, with its scheme (file:///..., memory://...): what a manifest records
+    extra: dict = field(default_factory=dict)  # source-specific report fields (image folders: size, mode)
 
 
 def resolve(path_or_url: str | Any) -> tuple[Any, str, str]:
@@ -109,11 +111,15 @@ def open_table(
     target: str | None,
     features: list[str] | None = None,
     batch_rows: int = BATCH_ROWS,
+    image_size: int | tuple[int, int] | None = None,
+    image_mode: str = "auto",
 ) -> Iterator[TableSource]:
-    """Open a file for streaming: validates columns up front, yields batches without loading it all."""
+    """Open a file (or image folder) for streaming: validates columns up front, yields batches
+    without loading it all. `image_size`/`image_mode` apply to image folders only (see images.py)."""
     fs, path, name = resolve(path_or_url)
     if fs.isdir(path):
-        raise UsageError(f"{name}: is a folder; give a file (or an hpcml store, read with read_store)")
+        yield _open_folder(fs, path, name, target, features, batch_rows, image_size, image_mode)
+        return
     fmt, compression = source_format(path, name)
     try:
         size = fs.size(path)
@@ -136,13 +142,19 @@ def read_table(
     target: str | None = None,
     features: list[str] | None = None,
     missing: str = "drop",
+    image_size: int | tuple[int, int] | None = None,
+    image_mode: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, list[str] | None, dict]:
-    """Read and clean a whole file: (x float32, y int64 class ids | float32 targets, classes, report)."""
+    """Read and clean a whole file: (x float32, y int64 class ids | float32 targets, classes, report).
+
+    An image folder gives x (N, C, H, W) in [0, 1] and report["kind"] == "image" (see images.py)."""
     # "" = required but not given: NumPy sources default to "y", tables say which columns there are
-    with open_table(path_or_url, target=target or "", features=features) as src:
+    with open_table(
+        path_or_url, target=target or "", features=features, image_size=image_size, image_mode=image_mode
+    ) as src:
         batches = list(_named(src.batches, src.name))
         table = pa.Table.from_batches(batches, schema=src.schema)
-    return table_to_arrays(
+    x, y, classes, report = table_to_arrays(
         table,
         name=src.name,
         fmt=src.format,
@@ -150,6 +162,22 @@ def read_table(
         missing=missing,
         feature_shape=src.feature_shape,
     )
+    report.update(src.extra)
+    return x, y, classes, report
+
+
+def _open_folder(fs, path, name, target, features, batch_rows, image_size, image_mode) -> TableSource:
+    """A folder that is not a store: an image folder (class subfolders), else a clear error."""
+    from hpcml.data import images
+
+    if fs.exists(f"{path.rstrip('/')}/manifest.json"):
+        raise UsageError(f"{name}: is an hpcml store; read it with read_store / read_data")
+    src, extra = images.open_images(
+        fs, path, name, target=target, features=features, image_size=image_size, mode=image_mode,
+        batch_rows=batch_rows,
+    )  # fmt: skip
+    src.extra, src.url = extra, fs.unstrip_protocol(path)
+    return src
 
 
 def _named(batches: Iterator[pa.RecordBatch], name: str) -> Iterator[pa.RecordBatch]:

@@ -1,4 +1,5 @@
-"""Built-in datasets, generated or shipped offline: nothing is downloaded at run time."""
+"""Datasets: the built-ins, generated or shipped offline (nothing is downloaded at run time), and the
+dispatch to a user's own files (user.py)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,25 @@ class Dataset:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    classes: list[str]
+    classes: list[str]  # empty for regression
     source: dict = field(default_factory=dict)
+    task: str = "classification"  # or "regression" (y float32)
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    report: dict = field(default_factory=dict)  # cleaning counts, split sizes (user data)
+    features: list[str] | None = None  # column names of a tabular file, recorded in the model
+    target: str | None = None
+    # a store streamed from disk (data/stream.py): {store, train, test (shard indices), train_rows,
+    # test_rows, target, features}; the x/y arrays are then empty (0 rows, the right row shape)
+    stream: dict | None = None
+
+    @property
+    def train_rows(self) -> int:
+        return self.stream["train_rows"] if self.stream else len(self.x_train)
+
+    @property
+    def test_rows(self) -> int:
+        return self.stream["test_rows"] if self.stream else len(self.x_test)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -36,6 +54,10 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.task == "regression" else len(self.classes)
 
 
 def list_datasets() -> list[str]:
@@ -50,13 +72,28 @@ def cache_dir() -> Path:
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
+    ds = _load_source(cfg)
+    if cfg.folds is not None:  # cross-validation: a fold of the training split is evaluated on
+        from hpcml.data.folds import apply_folds
+
+        ds = apply_folds(ds, folds=cfg.folds, fold=cfg.fold, seed=cfg.data_seed)
+    return ds
+
+
+def _load_source(cfg: DataConfig) -> Dataset:
     if cfg.name == "mnist1d":
         return _mnist1d()
     if cfg.name == "digits":
         return _digits(cfg.layout)
     if cfg.name == "synthetic":
         return _synthetic(cfg)
-    raise UsageError(f"unknown dataset {cfg.name!r}; valid built-ins: {', '.join(BUILTINS)}")
+    if "://" in cfg.name or os.sep in cfg.name or "." in cfg.name or Path(cfg.name).exists():
+        from hpcml.data.user import load_user_dataset
+
+        return load_user_dataset(cfg)
+    raise UsageError(
+        f"unknown dataset {cfg.name!r}: not a built-in ({', '.join(BUILTINS)}) and no such file or folder"
+    )
 
 
 def _mnist1d() -> Dataset:

@@ -66,8 +66,11 @@ def pack(
     compression: str = "zstd",
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    image_mode: str = "auto",
 ) -> dict[str, Any]:
-    """Pack a CSV/Parquet/NumPy file (path or URL) into a store at `out`; returns the manifest.
+    """Pack a CSV/Parquet/NumPy file or an image folder (path or URL) into a store at `out`; returns
+    the manifest. Image folders: see images.py (`image_size`, `image_mode`).
 
     The source is streamed: memory use is one batch plus one open shard writer, whatever its size.
     `progress(rows_so_far)` is called after every batch.
@@ -82,9 +85,12 @@ def pack(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        with open_table(src, target=target, features=features, batch_rows=min(shard_rows, BATCH_ROWS)) as t:
+        with open_table(
+            src, target=target, features=features, batch_rows=min(shard_rows, BATCH_ROWS),
+            image_size=image_size, image_mode=image_mode,
+        ) as t:  # fmt: skip
             shards, schema, labels = write_shards(t, tmp, shard_rows, compression, progress)
-            source = {"path": redact_url(t.url), "format": t.format, "bytes": t.bytes}
+            source = {"path": redact_url(t.url), "format": t.format, "bytes": t.bytes, **t.extra}
             target, feature_shape = t.target, t.feature_shape
         if not shards:
             raise UsageError(f"{source['path']}: no data rows")
@@ -346,8 +352,14 @@ def read_data(
     target: str | None = None,
     features: list[str] | None = None,
     missing: str = "drop",
+    image_size: int | tuple[int, int] | None = None,
+    image_mode: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, list[str] | None, dict]:
-    """A store (folder with manifest.json) or a CSV/Parquet/NumPy file, whichever the path is."""
+    """A store (folder with manifest.json), a CSV/Parquet/NumPy file or an image folder, whichever
+    the path is. `image_size`/`image_mode` apply to image folders only."""
     if is_store(path_or_url):
         return read_store(path_or_url, target=target, features=features, missing=missing)
-    return read_table(path_or_url, target=target, features=features, missing=missing)
+    return read_table(
+        path_or_url, target=target, features=features, missing=missing,
+        image_size=image_size, image_mode=image_mode,
+    )  # fmt: skip

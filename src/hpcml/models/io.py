@@ -69,14 +69,25 @@ class Model:
             self.module(xs[i : i + batch_size].to(device)).float().cpu()
             for i in range(0, len(xs), batch_size)
         ]
-        return torch.cat(out) if out else torch.empty(0, len(self.classes))
+        return torch.cat(out) if out else torch.empty(0, self.meta.get("num_outputs", len(self.classes)))
+
+    @property
+    def task(self) -> str:
+        return self.meta.get("task", "classification")
 
     def predict_proba(self, x, *, batch_size: int = 65536) -> np.ndarray:
+        if self.task == "regression":
+            raise UsageError("a regression model predicts values; it has no class probabilities")
         return torch.softmax(self.logits(x, batch_size=batch_size), dim=1).numpy()
 
     def predict(self, x, *, batch_size: int = 65536) -> np.ndarray:
-        """Class indices (into `self.classes`) for each row of x."""
-        return self.logits(x, batch_size=batch_size).argmax(1).numpy()
+        """Class indices (into `self.classes`) for each row of x; for a regression model, the
+        predicted values (float32, in the target's units)."""
+        out = self.logits(x, batch_size=batch_size)
+        if self.task == "regression":
+            scale = self.meta.get("target_scale") or {"mean": 0.0, "std": 1.0}
+            return (out[:, 0].double() * scale["std"] + scale["mean"]).float().numpy()
+        return out.argmax(1).numpy()
 
 
 def _canonical(doc: dict[str, Any]) -> bytes:

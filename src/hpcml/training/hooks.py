@@ -38,12 +38,15 @@ class Progress:
 
     def epoch(self, row: dict[str, Any], epochs: int) -> None:
         if self.bar is not None:
+            score = (
+                f"test acc {row['test_accuracy']:.4f}"
+                if "test_accuracy" in row
+                else f"test R2 {row['test_r2']:.4f}"
+            )
             self.bar.update(
                 self.task,
-                description=(
-                    f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  "
-                    f"test acc {row['test_accuracy']:.4f}  {row['samples_per_second']:,.0f} samples/s"
-                ),
+                description=f"epoch {row['epoch']}/{epochs}  loss {row['train_loss']:.4f}  {score}  "
+                f"{row['samples_per_second']:,.0f} samples/s",
             )
 
     def close(self) -> None:

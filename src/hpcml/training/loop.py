@@ -14,41 +14,51 @@ from torch import nn
 
 
 class EpochStats:
-    """Running sums kept on the device; `.read()` is the one sync per epoch."""
+    """Running sums kept on the device; `.read()` is the one sync per epoch.
 
-    def __init__(self, device: torch.device):
-        self.loss = torch.zeros((), device=device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+    Classification sums the loss and the correct count. Regression (`y_scale=(mean, std)`: the model
+    is trained on standardized targets) sums, in the target's own units, the squared error, y and y^2,
+    from which read() gives the MSE and R^2. All are sums, so ranks combine them with one all-reduce.
+    """
+
+    def __init__(self, device: torch.device, *, y_scale: tuple[float, float] | None = None):
+        self.y_scale = y_scale
+        self.sums = torch.zeros(3 if y_scale else 2, dtype=torch.float64, device=device)
         self.count = 0  # host-side: batch sizes are known without a sync
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         n = y.shape[0]
-        self.loss += loss.detach().float() * n
-        self.correct += (logits.detach().argmax(1) == y).sum()
+        if self.y_scale is None:
+            self.sums[0] += loss.detach().double() * n
+            self.sums[1] += (logits.detach().argmax(1) == y).sum()
+        else:
+            mean, std = self.y_scale
+            pred = logits.detach()[:, 0].double() * std + mean
+            target = y.double() * std + mean
+            self.sums += torch.stack([((pred - target) ** 2).sum(), target.sum(), (target**2).sum()])
         self.count += n
 
     def totals(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
-        """[loss sum, correct, count] so far, summed over ranks (a sync; used at checkpoints only)."""
-        t = torch.stack(
-            [
-                self.loss.double(),
-                self.correct.double(),
-                torch.tensor(float(self.count), dtype=torch.float64, device=self.loss.device),
-            ]
+        """The sums and the count so far, summed over ranks (a sync; at epoch ends and checkpoints)."""
+        t = torch.cat(
+            [self.sums, torch.tensor([float(self.count)], dtype=torch.float64, device=self.sums.device)]
         )
         return (reduce(t) if reduce is not None else t).tolist()
 
     def load(self, totals: list[float]) -> None:
         """Carry the sums of a half-done epoch over from a checkpoint (on one rank only)."""
-        self.loss.fill_(totals[0])
-        self.correct.fill_(int(totals[1]))
-        self.count = int(totals[2])
+        self.sums.copy_(torch.tensor(totals[:-1], dtype=torch.float64))
+        self.count = int(totals[-1])
 
     def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
-        """Mean loss and accuracy; `reduce` sums the totals across ranks (an all-reduce)."""
-        loss, correct, count = self.totals(reduce)  # note: a host-device sync, once per epoch
+        """(mean loss, accuracy), or for regression (MSE, R^2); `reduce` sums across ranks."""
+        *sums, count = self.totals(reduce)  # note: a host-device sync, once per epoch
         count = max(count, 1.0)
-        return loss / count, correct / count
+        if self.y_scale is None:
+            return sums[0] / count, sums[1] / count
+        sse, sy, syy = sums
+        sst = syy - sy * sy / count
+        return sse / count, (1.0 - sse / sst) if sst > 0 else float("nan")
 
 
 def train_epoch(
@@ -147,9 +157,10 @@ def evaluate(
     batch_size: int,
     autocast,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    y_scale: tuple[float, float] | None = None,
 ) -> EpochStats:
     model.eval()
-    stats = EpochStats(x.device)
+    stats = EpochStats(x.device, y_scale=y_scale)
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         with autocast:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ from hpcml.config import TrainConfig, dump_config
 
 def default_run_dir(cfg: TrainConfig, model_name: str) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{model_name}-{cfg.data.name}"
+    data = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.data.name.rstrip("/").rsplit("/", 1)[-1]) or "data"
+    return Path("runs") / f"{stamp}-{model_name}-{data}"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -46,7 +48,7 @@ class RunDir:
 
 
 def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path | None:
-    """Train/test loss and accuracy per epoch, side by side."""
+    """Train/(val)/test loss and accuracy (R² for regression) per epoch, side by side."""
     if not rows:
         return None
     import matplotlib
@@ -55,12 +57,15 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in rows]
+    metric = "accuracy" if "test_accuracy" in rows[0] else "r2"
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split, style in (("train", "-"), ("test", "--")):
+    for split, style in (("train", "-"), ("val", ":"), ("test", "--")):
+        if f"{split}_loss" not in rows[0]:
+            continue
         ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], style, marker=".", label=split)
-        ax_acc.plot(epochs, [r[f"{split}_accuracy"] for r in rows], style, marker=".", label=split)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+        ax_acc.plot(epochs, [r[f"{split}_{metric}"] for r in rows], style, marker=".", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss" if metric == "accuracy" else "MSE", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel=metric, title=metric if metric == "accuracy" else "R²")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

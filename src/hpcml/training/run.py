@@ -148,7 +148,7 @@ def run_process(
 
     # the compile decision depends on how many optimizer steps the run takes
     per_step = cfg.batch_size * info.world_size * cfg.grad_accum
-    steps_per_epoch = 1 if cfg.optim.name == "gd" else -(-len(data.x_train) // per_step)
+    steps_per_epoch = 1 if cfg.optim.name == "gd" else -(-data.train_rows // per_step)
     hw = detect(
         device=cfg.device,
         precision=cfg.precision,
@@ -184,32 +184,91 @@ def run_process(
             torch.distributed.destroy_process_group()
 
 
+def _stream_setup(cfg, data, info: DistInfo, dev):
+    """(normalizer, StreamBatches, test chunk factory) for a store streamed from disk."""
+    from hpcml.data.stream import StreamBatches, fit_normalizer_stream, iter_eval_chunks
+
+    st = data.stream
+    if cfg.optim.name == "gd":
+        raise hpcml.UsageError(
+            "the gd optimizer needs the whole training set in memory; raise --memory-budget"
+        )
+    common = {"target": st["target"], "features": st["features"], "missing": cfg.data.missing}
+    normalizer = fit_normalizer_stream(
+        st["store"],
+        method=cfg.data.normalize,
+        shards=st["train"],
+        per_feature=data.kind == "tabular",
+        **common,
+    )
+    batches = StreamBatches(
+        st["store"], shards=st["train"], batch_size=cfg.batch_size, seed=cfg.seed, rank=info.rank,
+        world_size=info.world_size, accum=cfg.grad_accum, transform=normalizer, device=dev, **common,
+    )  # fmt: skip
+    mine = st["test"][info.rank :: info.world_size]  # each rank scores its share; the sums are all-reduced
+
+    def test_chunks():
+        return iter_eval_chunks(
+            st["store"], shards=mine, rows=cfg.eval_batch_size, transform=normalizer, device=dev, **common
+        )
+
+    return normalizer, batches, test_chunks
+
+
+def _brief(report: dict) -> dict:
+    """The cleaning report without per-column lists that can run to thousands (image pixels)."""
+    return {k: v for k, v in report.items() if not (isinstance(v, list) and len(v) > 64)}
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(out[:, 0].float(), y)
+
+
 def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) -> Run | None:
     from hpcml.training.crypto import key_from_env
     from hpcml.training.resume import Checkpointer, find_resume_point, refuse_existing
 
     full_batch = cfg.optim.name == "gd"
-    n_train = len(data.x_train)
     ddp = info.world_size > 1
     reduce = pdist.all_reduce_sum if ddp else None
-    normalizer = Normalizer.fit(data.x_train, method=cfg.data.normalize, per_feature=data.kind == "tabular")
     dev = hw.device
-    x_train = torch.from_numpy(normalizer(data.x_train)).to(dev)
-    y_train = torch.from_numpy(data.y_train).to(dev)
-    # each rank evaluates a contiguous shard of the test set; the sums are all-reduced
-    test_shard = np.array_split(np.arange(len(data.x_test)), info.world_size)[info.rank]
-    x_test = torch.from_numpy(normalizer(data.x_test[test_shard])).to(dev)
-    y_test = torch.from_numpy(data.y_test[test_shard]).to(dev)
+    regression = data.task == "regression"
+    metric = "r2" if regression else "accuracy"
+    if regression and cfg.target_accuracy is not None:
+        raise hpcml.UsageError("target_accuracy applies to classification; this data is a regression task")
+    # regression trains on standardized targets (fitted on train); metrics are in the target's units
+    y_scale = (float(data.y_train.mean()), float(data.y_train.std()) or 1.0) if regression else None
 
-    batches = DeviceBatches(
-        x_train,
-        y_train,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-        accum=cfg.grad_accum,
-    )
+    def targets(y: np.ndarray) -> torch.Tensor:
+        y = ((y - y_scale[0]) / y_scale[1]).astype(np.float32) if regression else y
+        return torch.from_numpy(y).to(dev)
+
+    def eval_shard(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        # each rank evaluates a contiguous shard; the sums are all-reduced
+        part = np.array_split(np.arange(len(x)), info.world_size)[info.rank]
+        return torch.from_numpy(normalizer(x[part])).to(dev), targets(y[part])
+
+    if data.stream is not None:  # a store larger than the memory budget: shards stream from disk
+        normalizer, batches, test_set = _stream_setup(cfg, data, info, dev)
+        n_train, val = len(batches) * batches.global_batch, None
+    else:
+        normalizer = Normalizer.fit(
+            data.x_train, method=cfg.data.normalize, per_feature=data.kind == "tabular"
+        )
+        n_train = len(data.x_train)
+        x_train = torch.from_numpy(normalizer(data.x_train)).to(dev)
+        y_train = targets(data.y_train)
+        test_set = eval_shard(data.x_test, data.y_test)
+        val = eval_shard(data.x_val, data.y_val) if data.x_val is not None else None
+        batches = DeviceBatches(
+            x_train,
+            y_train,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            rank=info.rank,
+            world_size=info.world_size,
+            accum=cfg.grad_accum,
+        )
     steps_per_epoch = 1 if full_batch else len(batches)
     total_steps = steps_per_epoch * cfg.epochs
     if full_batch:  # each rank holds a contiguous shard of the training set
@@ -218,7 +277,7 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
 
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     module = create_model(
-        cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.kwargs
+        cfg.model.name, input_shape=data.input_shape, num_classes=data.num_outputs, **cfg.model.kwargs
     ).to(dev)
     step_model: nn.Module = pdist.wrap_ddp(module, dev) if ddp else module
     if hw.compile:
@@ -227,8 +286,11 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
     schedule = build_schedule(optimizer, cfg.optim, total_steps=total_steps)
     scaler = torch.amp.GradScaler(dev.type) if hw.precision == "fp16" and dev.type == "cuda" else None
     amp = autocast(hw.precision, dev)
-    train_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    eval_loss = nn.CrossEntropyLoss()
+    if regression:
+        train_loss = eval_loss = _mse
+    else:
+        train_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        eval_loss = nn.CrossEntropyLoss()
 
     main = info.is_main
     if out is None:
@@ -294,7 +356,7 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
             start = point.batch if (point and epoch == point.epoch) else 0
             t0 = time.perf_counter()
             ckpt_before = ckpt.seconds
-            stats = loop.EpochStats(dev)
+            stats = loop.EpochStats(dev, y_scale=y_scale)
             if start and point.stats is not None and main:
                 stats.load(point.stats)  # the half-done epoch's sums, over all ranks, added once
 
@@ -338,22 +400,36 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
             tr_loss, tr_acc = stats.read(reduce)  # the epoch's one sync; the timestamp below follows it
             epoch_seconds = time.perf_counter() - t0 - (ckpt.seconds - ckpt_before)
             step_seconds += epoch_seconds
-            te_loss, te_acc = loop.evaluate(
-                step_model, x_test, y_test, batch_size=cfg.eval_batch_size, autocast=amp, loss_fn=eval_loss
-            ).read(reduce)
+
+            def score(split):
+                total = loop.EpochStats(dev, y_scale=y_scale)
+                for x, y in [split] if isinstance(split, tuple) else split():  # tensors, or chunks
+                    part = loop.evaluate(
+                        step_model, x, y, batch_size=cfg.eval_batch_size, autocast=amp, loss_fn=eval_loss,
+                        y_scale=y_scale,
+                    )  # fmt: skip
+                    total.sums += part.sums
+                    total.count += part.count
+                return total.read(reduce)
+
+            te_loss, te_acc = score(test_set)
             elapsed = prior_seconds + time.perf_counter() - t_loop
             row = {
                 "epoch": epoch + 1,
                 "step": steps,
                 "train_loss": tr_loss,
-                "train_accuracy": tr_acc,
+                f"train_{metric}": tr_acc,
                 "test_loss": te_loss,
-                "test_accuracy": te_acc,
+                f"test_{metric}": te_acc,
                 "lr": optimizer.param_groups[0]["lr"],
                 "epoch_seconds": epoch_seconds,
                 "elapsed_seconds": elapsed,
                 "samples_per_second": n_train * (steps_per_epoch - start) / steps_per_epoch / epoch_seconds,
             }
+            if regression:
+                row["test_rmse"] = float(np.sqrt(te_loss))
+            if val is not None:
+                row["val_loss"], row[f"val_{metric}"] = score(val)
             rows.append(row)
             if main:
                 run_dir.log_epoch(row)
@@ -383,9 +459,12 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
         "architecture": cfg.model.name,
         "kwargs": cfg.model.kwargs,
         "input_shape": list(data.input_shape),
-        "num_outputs": data.num_classes,
+        "num_outputs": data.num_outputs,
         "classes": data.classes,
-        "task": "classification",
+        "task": data.task,
+        "features": data.features,
+        "target": data.target,
+        "target_scale": {"mean": y_scale[0], "std": y_scale[1]} if regression else None,
         "preprocessing": normalizer.to_json(),
         "data": {"name": data.name, "source": data.source},
         "hpcml_version": hpcml.__version__,
@@ -395,10 +474,11 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
     save_model(run_dir.path / "model", module, meta, key=key)
     run_dir.plot_curves(rows)
     report = {
-        "test_accuracy": last["test_accuracy"],
+        "task": data.task,
+        f"test_{metric}": last[f"test_{metric}"],
         "test_loss": last["test_loss"],
-        "best_test_accuracy": max(r["test_accuracy"] for r in rows),
-        "train_accuracy": last["train_accuracy"],
+        f"best_test_{metric}": max(r[f"test_{metric}"] for r in rows),
+        f"train_{metric}": last[f"train_{metric}"],
         "train_loss": last["train_loss"],
         "train_seconds": train_seconds,
         "step_seconds": step_seconds,
@@ -433,9 +513,12 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
         "data": {
             "name": data.name,
             "train_rows": n_train,
-            "test_rows": len(data.x_test),
+            "val_rows": 0 if data.x_val is None else len(data.x_val),
+            "test_rows": data.test_rows,
+            "streamed": data.stream is not None,
             "input_shape": list(data.input_shape),
             "classes": data.num_classes,
+            **({"cleaning": _brief(data.report)} if data.report else {}),
         },
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
@@ -449,5 +532,9 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
         "hpcml_version": hpcml.__version__,
         "torch_version": torch.__version__,
     }
+    if regression:
+        report["test_rmse"] = last["test_rmse"]
+    if val is not None:
+        report["val_loss"], report[f"val_{metric}"] = last["val_loss"], last[f"val_{metric}"]
     run_dir.write_report(report)
     return Run(dir=run_dir.path, report=report, model=model, metrics=rows)

@@ -1,0 +1,210 @@
+"""A user's own data as a training Dataset: read + clean (files.py, store.py, clean.py), optional
+de-duplication and constant-column removal, then a seeded split (stratified for classification).
+
+Every count (rows read, dropped, imputed, duplicates, constant columns) goes into `Dataset.report`,
+which training writes to report.json's `data` section and prints: cleaning is never silent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hpcml.config import DataConfig
+from hpcml.data.sources import Dataset
+from hpcml.errors import UsageError
+
+__all__ = ["load_user_dataset", "read_user_table"]
+
+
+def read_user_table(cfg: DataConfig, path: str) -> tuple[np.ndarray, np.ndarray, list[str] | None, dict]:
+    """Read and clean one file/store/folder as `cfg` says; resolve the task."""
+    from hpcml.data.store import read_data
+
+    x, y, classes, report = read_data(
+        path, target=cfg.target, features=cfg.columns, missing=cfg.missing, image_size=cfg.image_size
+    )
+    name = report.get("source", path)
+    if cfg.task == "regression" and classes is not None:
+        try:  # integer labels, or numeric-looking class names: train on their values
+            y = np.asarray([float(classes[i]) for i in y], np.float32)
+        except ValueError:
+            raise UsageError(
+                f"{name}: task=regression but target {report.get('target')!r} holds text labels "
+                f"(e.g. {classes[0]!r})"
+            ) from None
+        classes = None
+    elif cfg.task == "classification" and classes is None:
+        raise UsageError(
+            f"{name}: task=classification but target {report.get('target')!r} holds non-integral numbers; "
+            "use task=regression (or auto)"
+        )
+    report["task"] = "regression" if classes is None else "classification"
+    return x, y, classes, report
+
+
+def _dedupe_and_constants(cfg: DataConfig, x: np.ndarray, y: np.ndarray, report: dict):
+    if cfg.drop_duplicates and report.get("duplicate_rows", 0):
+        flat = np.ascontiguousarray(
+            np.concatenate([x.reshape(len(x), -1), y.reshape(-1, 1).astype(x.dtype)], 1)
+        )
+        _, first = np.unique(
+            flat.view(np.dtype((np.void, flat.dtype.itemsize * flat.shape[1]))), return_index=True
+        )
+        keep = np.sort(first)  # the first occurrence of every row, in file order
+        report["duplicates_dropped"] = len(x) - len(keep)
+        x, y = x[keep], y[keep]
+    const = report.get("constant_columns") or []
+    if cfg.drop_constant and const and x.ndim == 2:
+        names = report["feature_names"]
+        keep_cols = [j for j, n in enumerate(names) if n not in const]
+        if not keep_cols:
+            raise UsageError(
+                f"{report.get('source')}: every feature column is constant; nothing to learn from"
+            )
+        x = np.ascontiguousarray(x[:, keep_cols])
+        report["feature_names"] = [names[j] for j in keep_cols]
+        report["constant_columns_dropped"] = list(const)
+    return x, y
+
+
+def _split(x, y, *, fraction: float, seed: int, stratify: bool, what: str, name: str):
+    """(x_a, y_a, x_b, y_b) with `fraction` of the rows in b: seeded, stratified when every class
+    has at least 2 rows (else plain shuffled, and the report says so)."""
+    n = len(x)
+    n_b = int(round(n * fraction))
+    if n_b < 1 or n - n_b < 1:
+        raise UsageError(f"{name}: {n} rows are too few for a {what} split of {fraction}")
+    from sklearn.model_selection import train_test_split
+
+    strat = y if stratify and np.bincount(y).min(initial=2) >= 2 and n_b >= len(np.unique(y)) else None
+    idx_a, idx_b = train_test_split(np.arange(n), test_size=n_b, random_state=seed, stratify=strat)
+    return x[idx_a], y[idx_a], x[idx_b], y[idx_b], strat is not None
+
+
+def _streamed(cfg: DataConfig, path: str) -> Dataset | None:
+    """A Dataset that streams `path` when it is a store too large for the memory budget, else None."""
+    from hpcml.data.files import redact_url
+    from hpcml.data.store import is_store, read_manifest
+    from hpcml.data.stream import default_memory_budget, fits_in_memory, parse_size, split_shards
+
+    if not is_store(path):
+        return None
+    m = read_manifest(path)
+    budget = parse_size(cfg.memory_budget) if cfg.memory_budget else default_memory_budget()
+    if fits_in_memory(m, budget, features=cfg.columns):
+        return None
+    name = redact_url(path)
+    target = cfg.target or m["target"]
+    if target != m["target"]:
+        raise UsageError(f"{name}: streaming uses the store's target {m['target']!r}; repack for {target!r}")
+    if m.get("classes") is None or cfg.task == "regression":
+        raise UsageError(f"{name}: streaming supports classification stores for now; raise --memory-budget")
+    if cfg.val_fraction or cfg.test_data or cfg.drop_duplicates or cfg.drop_constant or cfg.folds:
+        raise UsageError(
+            f"{name}: val_fraction, test_data, drop_duplicates, drop_constant and folds need the data in "
+            "memory; raise --memory-budget"
+        )
+    train, test = split_shards(m, test_fraction=cfg.test_fraction, seed=cfg.data_seed)
+    features = cfg.columns or [c["name"] for c in m["schema"] if c["name"] != target]
+    shape = m.get("feature_shape") if cfg.columns is None and m.get("feature_shape") else [len(features)]
+    kind = {1: "tabular", 2: "sequence", 3: "image"}.get(len(shape), "tabular")
+    empty = np.empty((0, *shape), np.float32)
+    rows = lambda idx: sum(m["shards"][i]["rows"] for i in idx)  # noqa: E731
+    return Dataset(
+        name=name,
+        kind=kind,
+        x_train=empty,
+        y_train=np.empty(0, np.int64),
+        x_test=empty,
+        y_test=np.empty(0, np.int64),
+        classes=list(m["classes"]),
+        source={"path": name, "format": "hpcml-store", "target": target},
+        report={
+            "source": name,
+            "format": "hpcml-store",
+            "streamed": True,
+            "rows_read": m["total_rows"],
+            "memory_budget_bytes": budget,
+            "split": {"train_shards": train, "test_shards": test},
+        },  # fmt: skip
+        features=features if kind == "tabular" else None,
+        target=target,
+        stream={
+            "store": path,
+            "train": train,
+            "test": test,
+            "train_rows": rows(train),
+            "test_rows": rows(test),
+            "target": target,
+            "features": cfg.columns,
+        },  # fmt: skip
+    )
+
+
+def load_user_dataset(cfg: DataConfig) -> Dataset:
+    """The Dataset of a user's file, folder or store (in memory; see stream.py for larger stores)."""
+    from hpcml.data.files import redact_url
+
+    path = cfg.name
+    streamed = _streamed(cfg, path)
+    if streamed is not None:
+        return streamed
+    x, y, classes, report = read_user_table(cfg, path)
+    x, y = _dedupe_and_constants(cfg, x, y, report)
+    classify = classes is not None
+    name = redact_url(path)
+    if cfg.test_data:
+        x_tr, y_tr = x, y
+        x_te, y_te, te_classes, te_report = read_user_table(
+            cfg.model_copy(update={"drop_constant": False}), cfg.test_data
+        )
+        if report.get("constant_columns_dropped"):
+            keep = [te_report["feature_names"].index(f) for f in report["feature_names"]]
+            x_te = np.ascontiguousarray(x_te[:, keep])
+        if x_te.shape[1:] != x_tr.shape[1:]:
+            raise UsageError(
+                f"{redact_url(cfg.test_data)}: rows have shape {x_te.shape[1:]}, "
+                f"the training data {x_tr.shape[1:]}"
+            )
+        if classify:
+            unknown = sorted(set(te_classes or []) - set(classes))
+            if unknown:
+                raise UsageError(
+                    f"{redact_url(cfg.test_data)}: labels not in the training data: {', '.join(unknown[:5])}"
+                )
+            y_te = np.asarray([classes.index(c) for c in te_classes], np.int64)[y_te]
+        report["test_source"] = te_report.get("source")
+        stratified = None
+    else:
+        x_tr, y_tr, x_te, y_te, stratified = _split(
+            x, y, fraction=cfg.test_fraction, seed=cfg.data_seed, stratify=classify, what="test", name=name
+        )
+    x_val = y_val = None
+    if cfg.val_fraction > 0:
+        x_tr, y_tr, x_val, y_val, _ = _split(
+            x_tr, y_tr, fraction=cfg.val_fraction, seed=cfg.data_seed + 1, stratify=classify,
+            what="validation", name=name,
+        )  # fmt: skip
+    report.update(
+        split={
+            "train": len(x_tr), "val": 0 if x_val is None else len(x_val), "test": len(x_te),
+            "seed": cfg.data_seed, "stratified": stratified,
+        }
+    )  # fmt: skip
+    kind = report.get("kind", "tabular")
+    return Dataset(
+        name=name,
+        kind=kind,
+        x_train=x_tr,
+        y_train=y_tr,
+        x_test=x_te,
+        y_test=y_te,
+        classes=list(classes) if classify else [],
+        source={"path": name, "format": report.get("format"), "target": report.get("target")},
+        task="classification" if classify else "regression",
+        x_val=x_val,
+        y_val=y_val,
+        report=report,
+        features=report.get("feature_names") if kind == "tabular" else None,
+        target=report.get("target"),
+    )
