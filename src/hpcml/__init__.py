@@ -24,6 +24,7 @@ __all__ = [
     "train",
     "evaluate",
     "predict",
+    "sweep",
     "load_model",
     "Run",
     "Model",
@@ -39,6 +40,7 @@ _LAZY = {
     "Run": "hpcml.training.run",
     "evaluate": "hpcml.api",
     "predict": "hpcml.api",
+    "sweep": "hpcml.parallel.sweep",
     "load_model": "hpcml.models.io",
     "Model": "hpcml.models.io",
     "TrainConfig": "hpcml.config",
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from hpcml.api import evaluate, predict
     from hpcml.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
     from hpcml.models.io import Model, load_model
+    from hpcml.parallel.sweep import sweep
     from hpcml.training.run import Run, train
 
 

@@ -62,9 +62,9 @@ def evaluate(
             "test_r2": 1 - mse * len(y) / sst if sst else None,
         }
     else:
+        logits = m.logits(x)  # first: a shape mismatch is the clearer error
         if list(classes) != list(m.classes):
             y = _align_labels(y, classes, m.classes, name)
-        logits = m.logits(x)
         yt = torch.from_numpy(y)
         metrics = {
             "test_accuracy": float((logits.argmax(1) == yt).float().mean()),

@@ -59,13 +59,37 @@ def _parse_pairs(pairs: list[str], flag: str) -> dict[str, Any]:
     return out
 
 
+def _cleaning_line(clean: dict[str, Any], data: dict[str, Any]) -> str:
+    """One line of what cleaning did: never silent."""
+    parts = [f"{clean.get('rows_read', '?')} rows read"]
+    for key, what in (
+        ("rows_dropped", "dropped (missing/non-finite)"),
+        ("values_imputed", "values imputed"),
+        ("duplicate_rows", "duplicates"),
+        ("duplicates_dropped", "duplicates dropped"),
+        ("constant_column_count", "constant columns"),
+    ):
+        if clean.get(key):
+            parts.append(f"{clean[key]} {what}")
+    parts.append(f"train/val/test {data['train_rows']}/{data.get('val_rows', 0)}/{data['test_rows']}")
+    return ", ".join(parts)
+
+
 def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title="hpcml train", show_header=False, title_justify="left")
-    t.add_row("test accuracy", f"{report['test_accuracy']:.4f}")
-    t.add_row("test loss", f"{report['test_loss']:.4f}")
+    if report.get("task") == "regression":
+        t.add_row("test RMSE / R²", f"{report['test_rmse']:.4f} / {report['test_r2']:.4f}")
+    else:
+        t.add_row("test accuracy", f"{report['test_accuracy']:.4f}")
+        t.add_row("test loss", f"{report['test_loss']:.4f}")
+    if "val_loss" in report:
+        t.add_row("val loss", f"{report['val_loss']:.4f}")
+    clean = report["data"].get("cleaning")
+    if clean:
+        t.add_row("data", _cleaning_line(clean, report["data"]))
     t.add_row("epochs / steps", f"{report['epochs']} / {report['steps']}")
     t.add_row("training time", f"{report['train_seconds']:.2f} s (wall {report['wall_seconds']:.2f} s)")
     if report.get("target_accuracy") is not None:
@@ -97,6 +121,8 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     "  hpcml train --data digits --model cnn2d --epochs 30\n\n"
     "  hpcml train --optimizer gd --lr 0.5 --epochs 200       # full-batch gradient descent\n\n"
     "  hpcml train --data synthetic --rows 100000 --features 64 --model mlp --model-kw hidden=512\n\n"
+    "  hpcml train --data houses.csv --target price --missing median     # regression on your CSV\n\n"
+    "  hpcml train --data stores/big --memory-budget 64MB                 # streams a larger store\n\n"
     "  hpcml train --config runs/X/config.yaml                # re-run a past run exactly\n\n"
     "  hpcml train --checkpoint-every 200 --out runs/long     # checkpoint every 200 steps\n\n"
     "  hpcml train --resume runs/long                         # continue after a crash, bit-exact\n\n"
@@ -108,7 +134,32 @@ def train(
     config: Annotated[
         Path | None, typer.Option(help="YAML config (e.g. a run's config.yaml); flags override it.")
     ] = None,
-    data: Annotated[str | None, typer.Option(help="Dataset: mnist1d, digits or synthetic.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="mnist1d, digits, synthetic, or your data: CSV, Parquet, .npz/.npy, an image folder, an "
+            "hpcml store; a path or URL (file://, s3://, ...)."
+        ),
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="Label column of a file (NumPy: array name).")] = None,
+    missing: Annotated[
+        str | None, typer.Option(help="Rows with NaN/Inf or no label: drop, mean, median or error.")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="auto, classification or regression.")] = None,
+    drop_duplicates: Annotated[
+        bool | None, typer.Option("--drop-duplicates", help="Drop repeated rows (always counted).")
+    ] = None,
+    drop_constant: Annotated[
+        bool | None, typer.Option("--drop-constant", help="Drop constant columns (always reported).")
+    ] = None,
+    test_fraction: Annotated[float | None, typer.Option(help="Share of rows held out for test.")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Share of training rows for validation.")] = None,
+    test_data: Annotated[str | None, typer.Option(help="A separate test file/store (no test split).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Image folders: resize to N x N.")] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(help="Stores larger than this stream from disk (e.g. 64MB; default 25% RAM)."),
+    ] = None,
     model: Annotated[str | None, typer.Option(help="Model: auto, mlp, cnn1d, cnn2d.")] = None,
     model_kw: Annotated[
         list[str] | None, typer.Option("--model-kw", help="Model argument KEY=VALUE (repeatable).")
@@ -135,7 +186,9 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: all available cores).")] = None,
     rows: Annotated[int | None, typer.Option(help="synthetic: rows.")] = None,
-    features: Annotated[int | None, typer.Option(help="synthetic: features.")] = None,
+    features: Annotated[
+        str | None, typer.Option(help="Feature columns of a file, comma-separated (synthetic: a count).")
+    ] = None,
     classes: Annotated[int | None, typer.Option(help="synthetic: classes.")] = None,
     layout: Annotated[str | None, typer.Option(help="digits: image (1x8x8) or flat (64 features).")] = None,
     normalize: Annotated[str | None, typer.Option(help="standard, minmax or none (fitted on train).")] = None,
@@ -180,7 +233,20 @@ def train(
     flags = {
         "data.name": data,
         "data.rows": rows,
-        "data.features": features,
+        "data.features": int(features) if features and features.strip().isdigit() else None,
+        "data.columns": [c.strip() for c in features.split(",")]
+        if features and not features.strip().isdigit()
+        else None,
+        "data.target": target,
+        "data.missing": missing,
+        "data.task": task,
+        "data.drop_duplicates": drop_duplicates,
+        "data.drop_constant": drop_constant,
+        "data.test_fraction": test_fraction,
+        "data.val_fraction": val_fraction,
+        "data.test_data": test_data,
+        "data.image_size": image_size,
+        "data.memory_budget": memory_budget,
         "data.classes": classes,
         "data.layout": layout,
         "data.normalize": normalize,
@@ -260,20 +326,34 @@ def _show(run, *, json_: bool, quiet: bool, node_rank: int) -> None:
 
 
 @app.command(
-    help="Evaluate a saved model dir on the test split of a dataset.\n\n"
-    "Example:\n\n  hpcml evaluate runs/demo/model --data mnist1d --json",
+    help="Evaluate a saved model dir on the test split of a built-in dataset, or on every row of a file.\n\n"
+    "Examples:\n\n  hpcml evaluate runs/demo/model --data mnist1d --json\n\n"
+    "  hpcml evaluate runs/houses/model --data holdout.csv",
 )
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="A model dir (model.safetensors + model.json).")],
-    data: Annotated[str, typer.Option(help="Dataset: mnist1d, digits or synthetic.")] = "mnist1d",
+    data: Annotated[
+        str,
+        typer.Option(help="mnist1d, digits, synthetic (their test split), or a file/store/URL (all rows)."),
+    ] = "mnist1d",
+    target: Annotated[str | None, typer.Option(help="Label column (default: the model's).")] = None,
+    missing: Annotated[
+        str, typer.Option(help="Rows with missing values: drop, mean, median, error.")
+    ] = "drop",
     json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     from hpcml.api import evaluate as api_evaluate
-    from hpcml.config import DataConfig
+    from hpcml.config import build_config
 
-    result = api_evaluate(model_dir, DataConfig(name=data))
+    cfg = build_config({"data": {"name": data, "missing": missing}}, source="flags").data
+    result = api_evaluate(model_dir, cfg, target=target)
     if json_:
         typer.echo(json.dumps(result, indent=2))
+    elif result["task"] == "regression":
+        typer.echo(
+            f"{result['model']} on {result['data']} ({result['rows']} rows): "
+            f"RMSE {result['test_rmse']:.4f}, R² {result['test_r2']:.4f}"
+        )
     else:
         typer.echo(
             f"{result['model']} on {result['data']} ({result['rows']} rows): "
@@ -289,13 +369,23 @@ from hpcml.cli_tasks import register as _register_tasks  # noqa: E402  (`hpcml s
 
 _register_tasks(app)
 
-from hpcml.cli_bench import register as _register_bench  # noqa: E402  (`hpcml bench`; no torch)
 
-_register_bench(app)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Usage errors exit 2, runtime failures 1; no traceback unless --debug."""
+    import gc
+
+    try:
+        return _main(argv)
+    finally:
+        # Free an error's traceback cycles (Arrow tables, torch tensors) now, not during interpreter
+        # teardown, where native thread pools already shut down can abort the process ("terminate
+        # called without an active exception", exit 134) after the error was reported.
+        gc.collect()
+
+
+def _main(argv: list[str] | None) -> int:
     import warnings
 
     def _warn(message, category, *_args, **_kw) -> None:  # one line, not the file:line of the warning

@@ -59,7 +59,7 @@ class DataConfig(_Strict):
     )
     drop_duplicates: bool = Field(False, description="drop repeated (features, label) rows (always counted)")
     drop_constant: bool = Field(False, description="drop constant feature columns (always reported)")
-    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of training rows held out for validation")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of all rows held out for validation")
     test_data: str | None = Field(None, description="a separate test file/store instead of test_fraction")
     image_size: int | None = Field(None, gt=0, description="image folders: resize every image to N x N")
     memory_budget: str | None = Field(

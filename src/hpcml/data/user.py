@@ -67,13 +67,12 @@ def _dedupe_and_constants(cfg: DataConfig, x: np.ndarray, y: np.ndarray, report:
     return x, y
 
 
-def _split(x, y, *, fraction: float, seed: int, stratify: bool, what: str, name: str):
-    """(x_a, y_a, x_b, y_b) with `fraction` of the rows in b: seeded, stratified when every class
+def _split(x, y, *, n_b: int, seed: int, stratify: bool, what: str, name: str):
+    """(x_a, y_a, x_b, y_b) with `n_b` of the rows in b: seeded, stratified when every class
     has at least 2 rows (else plain shuffled, and the report says so)."""
     n = len(x)
-    n_b = int(round(n * fraction))
     if n_b < 1 or n - n_b < 1:
-        raise UsageError(f"{name}: {n} rows are too few for a {what} split of {fraction}")
+        raise UsageError(f"{name}: {n} rows are too few for a {what} split of {n_b} rows")
     from sklearn.model_selection import train_test_split
 
     strat = y if stratify and np.bincount(y).min(initial=2) >= 2 and n_b >= len(np.unique(y)) else None
@@ -177,12 +176,18 @@ def load_user_dataset(cfg: DataConfig) -> Dataset:
         stratified = None
     else:
         x_tr, y_tr, x_te, y_te, stratified = _split(
-            x, y, fraction=cfg.test_fraction, seed=cfg.data_seed, stratify=classify, what="test", name=name
+            x,
+            y,
+            n_b=round(len(x) * cfg.test_fraction),
+            seed=cfg.data_seed,
+            stratify=classify,
+            what="test",
+            name=name,
         )
     x_val = y_val = None
-    if cfg.val_fraction > 0:
+    if cfg.val_fraction > 0:  # a share of all rows, like test_fraction: 0.7 / 0.1 / 0.2
         x_tr, y_tr, x_val, y_val, _ = _split(
-            x_tr, y_tr, fraction=cfg.val_fraction, seed=cfg.data_seed + 1, stratify=classify,
+            x_tr, y_tr, n_b=round(len(x) * cfg.val_fraction), seed=cfg.data_seed + 1, stratify=classify,
             what="validation", name=name,
         )  # fmt: skip
     report.update(

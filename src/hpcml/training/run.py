@@ -22,15 +22,16 @@ from hpcml.config import TrainConfig, build_config, load_config
 from hpcml.data.loader import DeviceBatches
 from hpcml.data.preprocess import Normalizer
 from hpcml.data.sources import Dataset, load_dataset
-from hpcml.models.io import Model, save_model
+from hpcml.models.io import Model
 from hpcml.models.registry import create_model, default_model_for
 from hpcml.parallel import dist as pdist
 from hpcml.parallel.dist import DistInfo
 from hpcml.training import loop
 from hpcml.training.hooks import Progress, Trace, fail_hook
 from hpcml.training.optim import build_optimizer, build_schedule
-from hpcml.training.precision import autocast, cpu_name, detect
+from hpcml.training.precision import autocast, detect
 from hpcml.training.report import RunDir, default_run_dir
+from hpcml.training.summary import write_results
 
 
 @dataclass
@@ -213,11 +214,6 @@ def _stream_setup(cfg, data, info: DistInfo, dev):
         )
 
     return normalizer, batches, test_chunks
-
-
-def _brief(report: dict) -> dict:
-    """The cleaning report without per-column lists that can run to thousands (image pixels)."""
-    return {k: v for k, v in report.items() if not (isinstance(v, list) and len(v) > 64)}
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -455,86 +451,10 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
 
     if not main:
         return None
-    meta = {
-        "architecture": cfg.model.name,
-        "kwargs": cfg.model.kwargs,
-        "input_shape": list(data.input_shape),
-        "num_outputs": data.num_outputs,
-        "classes": data.classes,
-        "task": data.task,
-        "features": data.features,
-        "target": data.target,
-        "target_scale": {"mean": y_scale[0], "std": y_scale[1]} if regression else None,
-        "preprocessing": normalizer.to_json(),
-        "data": {"name": data.name, "source": data.source},
-        "hpcml_version": hpcml.__version__,
-    }
-    model = Model(module, meta)
-    last = rows[-1]
-    save_model(run_dir.path / "model", module, meta, key=key)
-    run_dir.plot_curves(rows)
-    report = {
-        "task": data.task,
-        f"test_{metric}": last[f"test_{metric}"],
-        "test_loss": last["test_loss"],
-        f"best_test_{metric}": max(r[f"test_{metric}"] for r in rows),
-        f"train_{metric}": last[f"train_{metric}"],
-        "train_loss": last["train_loss"],
-        "train_seconds": train_seconds,
-        "step_seconds": step_seconds,
-        "eval_seconds": train_seconds - step_seconds,
-        "wall_seconds": time.perf_counter() - t_wall,
-        "samples_per_second": len(rows) * n_train / step_seconds,
-        "epochs": len(rows),
-        "steps": steps,
-        "target_accuracy": cfg.target_accuracy,
-        "time_to_target_seconds": time_to_target,
-        "stopped_early": len(rows) < cfg.epochs,
-        "checkpoints": {
-            "every": cfg.checkpoint.every,
-            "saved": ckpt.saves,
-            "seconds": ckpt.seconds + (point.checkpoint_seconds if point else 0.0),
-            "share_of_train_time": (ckpt.seconds + (point.checkpoint_seconds if point else 0.0))
-            / max(train_seconds, 1e-9),
-            "encrypted": key is not None,
-            "failures": ckpt.failures,
-        },
-        "resumed_from_step": point.step if point else None,
-        "restarts": point.restarts + 1 if point else 0,
-        "world_size": info.world_size,
-        "batch_size": (n_train // info.world_size) if full_batch else batches.batch_size,
-        "grad_accum": 1 if full_batch else cfg.grad_accum,
-        "global_batch_size": global_batch,
-        "full_batch": full_batch,
-        "optimizer": cfg.optim.name,
-        "schedule": cfg.optim.schedule,
-        "model": cfg.model.name,
-        "model_parameters": sum(p.numel() for p in module.parameters()),
-        "data": {
-            "name": data.name,
-            "train_rows": n_train,
-            "val_rows": 0 if data.x_val is None else len(data.x_val),
-            "test_rows": data.test_rows,
-            "streamed": data.stream is not None,
-            "input_shape": list(data.input_shape),
-            "classes": data.num_classes,
-            **({"cleaning": _brief(data.report)} if data.report else {}),
-        },
-        "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
-        "backend": ("nccl" if dev.type == "cuda" else "gloo") if ddp else None,
-        "precision": hw.precision,
-        "precision_reason": hw.precision_reason,
-        "compile": hw.compile,
-        "compile_reason": hw.compile_reason,
-        "threads": hw.threads,
-        "seed": cfg.seed,
-        "hpcml_version": hpcml.__version__,
-        "torch_version": torch.__version__,
-    }
-    if regression:
-        report["test_rmse"] = last["test_rmse"]
-    if val is not None:
-        report["val_loss"], report[f"val_{metric}"] = last["val_loss"], last[f"val_{metric}"]
-    run_dir.write_report(report)
-    return Run(dir=run_dir.path, report=report, model=model, metrics=rows)
+    return write_results(
+        run_dir=run_dir, cfg=cfg, data=data, hw=hw, info=info, module=module, normalizer=normalizer,
+        y_scale=y_scale, rows=rows, steps=steps, train_seconds=train_seconds, step_seconds=step_seconds,
+        time_to_target=time_to_target, t_wall=t_wall, ckpt=ckpt, point=point, key=key,
+        batch_size=(n_train // info.world_size) if full_batch else batches.batch_size,
+        global_batch=global_batch, n_train=n_train,
+    )  # fmt: skip

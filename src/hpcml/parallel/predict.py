@@ -1,0 +1,298 @@
+"""Parallel batch inference: the input split into contiguous shards, one per worker.
+
+Each worker loads the model dir once (load_model checks the weights' sha256), sets its thread count
+and predicts its shard in large batches under `torch.inference_mode()`, with the preprocessing stored
+in the model. The parent puts the shards back in input order and, when asked, writes them atomically
+as Parquet or CSV: a `prediction` column (class name, or the value for a regression model), plus one
+`prob_<class>` column per class with `probabilities=True`.
+
+Inputs: a NumPy array (or torch tensor), or a path/URL to CSV, Parquet, .npy, .npz (array `x`) or an
+hpcml store. Table columns are matched to the model: by name when the model records the `features` it
+was trained on, otherwise every numeric column except the model's target column, whose count must
+equal the model's input size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpcml.errors import UsageError
+from hpcml.parallel.tasks import Runner, Task, attached, cores
+
+__all__ = ["predict_parallel", "read_input", "write_output", "OUTPUT_FORMATS"]
+
+OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+def predict_parallel(
+    model_dir: Any,
+    data: Any,
+    *,
+    workers: int = 1,
+    backend: str = "local",
+    address: str | None = None,
+    batch_size: int = 65536,
+    probabilities: bool = False,
+    output: str | Path | None = None,
+    stats: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Predict every row of `data` with the model in `model_dir` on `workers` processes.
+
+    Returns class indices (into `model.classes`), class probabilities (N, C) with `probabilities=True`,
+    or the predicted values of a regression model; with `output`, also writes them to that .parquet or
+    .csv file. `workers=1` on the local backend predicts in this process. `stats`, if given, is filled
+    with rows, seconds and rows_per_second.
+    """
+    from hpcml.models.io import Model, load_model
+
+    t0 = time.perf_counter()
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    out_fmt = _output_format(output) if output is not None else None
+    runner = Runner(workers=workers, backend=backend, address=address)  # validates the options
+    if isinstance(model_dir, Model):
+        if workers > 1 or backend != "local":
+            raise UsageError("parallel predict needs the model dir (each worker loads it), not a Model")
+        model = model_dir
+    else:
+        model = load_model(model_dir)  # verified here first: a bad dir fails before any worker starts
+    regression = model.meta.get("task") == "regression"
+    if probabilities and regression:
+        raise UsageError("probabilities are for classification models; this model is a regression model")
+    x, name = read_input(data, model)
+    if len(x) == 0:
+        raise UsageError(f"{name}: no rows to predict")
+
+    if workers == 1 and backend == "local":
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(cores())
+        try:
+            result = predict_rows(model, x, batch_size=batch_size, probabilities=probabilities)
+        finally:
+            torch.set_num_threads(before)
+    else:
+        where = str(Path(model_dir).absolute())  # workers may run elsewhere (Ray has its own cwd)
+        result = _predict_sharded(runner, where, x, batch_size=batch_size, probabilities=probabilities)
+    if output is not None:
+        write_output(output, result, model=model, probabilities=probabilities, fmt=out_fmt)
+    if stats is not None:
+        seconds = time.perf_counter() - t0
+        stats.update(rows=len(x), seconds=seconds, rows_per_second=len(x) / seconds, source=name)
+    return result
+
+
+def _predict_sharded(runner: Runner, model_dir: str, x: np.ndarray, **kw: Any) -> np.ndarray:
+    from hpcml.errors import HpcmlError
+
+    bounds = np.linspace(0, len(x), runner.workers + 1).astype(int)
+    with runner:
+        shared = runner.share(np.ascontiguousarray(x))
+        tasks = [
+            Task(f"shard-{i}", "hpcml.parallel.predict:predict_shard",
+                 {"model_dir": model_dir, "data": shared, "start": int(a), "stop": int(b), **kw})
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)) if b > a
+        ]  # fmt: skip
+        outcomes = runner.run(tasks, retries=1)
+    failed = [o for o in outcomes.values() if not o.ok]
+    if failed:
+        raise HpcmlError(f"predict {failed[0].id} failed: {failed[0].error}")
+    return np.concatenate([outcomes[t.id].value for t in tasks])
+
+
+def predict_shard(
+    *, model_dir: str, data: Any, start: int, stop: int, batch_size: int, probabilities: bool, threads: int,
+    attempt: int,
+) -> np.ndarray:  # fmt: skip
+    """In a worker: load the model once, predict rows [start, stop) of the shared input."""
+    from hpcml.models.io import load_model
+
+    model = load_model(model_dir)
+    with attached(data) as arr:
+        x = np.array(arr[start:stop])  # a private copy: the shared buffer can be released right away
+    return predict_rows(model, x, batch_size=batch_size, probabilities=probabilities)
+
+
+def predict_rows(model: Any, x: np.ndarray, *, batch_size: int, probabilities: bool) -> np.ndarray:
+    """The same computation as Model.predict / predict_proba, so any sharding gives the same rows."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model.logits(x, batch_size=batch_size)
+        if model.meta.get("task") == "regression":
+            return logits[:, 0].numpy()
+        if probabilities:
+            return torch.softmax(logits, dim=1).numpy()
+        return logits.argmax(1).numpy()
+
+
+# ------------------------------------------------------------------------------------------- input
+
+
+def read_input(data: Any, model: Any) -> tuple[np.ndarray, str]:
+    """(features, name for messages): an array as is, a file or store matched to the model's columns."""
+    import torch
+
+    if isinstance(data, torch.Tensor):
+        return data.detach().cpu().numpy(), "input tensor"
+    if isinstance(data, np.ndarray):
+        if not np.issubdtype(data.dtype, np.number):
+            raise UsageError(f"input array must be numeric, got dtype {data.dtype}")
+        return data, "input array"
+    if not isinstance(data, str | Path):
+        raise UsageError(f"input must be an array or a path/URL, got {type(data).__name__}")
+    from hpcml.data.files import resolve, source_format
+    from hpcml.data.store import is_store
+
+    path = str(data)
+    if is_store(path):
+        return _from_store(path, model)
+    fs, fpath, name = resolve(path)
+    if not fs.exists(fpath):
+        raise UsageError(f"{name}: file not found")
+    fmt, _ = source_format(fpath, name)
+    if fmt in ("npy", "npz"):
+        return _from_numpy(fs, fpath, name, fmt), name
+    return _from_table(path, name, fmt, fs, fpath, model), name
+
+
+def _choose(columns: list[tuple[str, bool]], model: Any, name: str) -> list[str]:
+    """The model's feature columns, by name if it recorded them, else all numeric but the target."""
+    names = [c for c, _ in columns]
+    wanted = model.meta.get("features")
+    if wanted:
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise UsageError(
+                f"{name}: missing column(s) {', '.join(map(repr, missing))} that the model was trained "
+                f"on; the input has: {', '.join(names)}"
+            )
+        return list(wanted)
+    target = model.meta.get("target")
+    numeric = [c for c, ok in columns if ok and c != target]
+    need = math.prod(model.input_shape)
+    if len(numeric) != need:
+        skipped = [c for c, ok in columns if not ok or c == target]
+        raise UsageError(
+            f"{name}: {len(numeric)} numeric feature column(s) but the model takes {need} inputs "
+            f"(input shape {list(model.input_shape)})"
+            + (f"; not used: {', '.join(skipped)}" if skipped else "")
+        )
+    return numeric
+
+
+def _from_table(path: str, name: str, fmt: str, fs: Any, fpath: str, model: Any) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from hpcml.data.clean import numeric
+    from hpcml.data.files import open_table
+
+    # Only the header (CSV: types inferred from the first block) to pick the columns; open_table then
+    # streams exactly those, converted to float64 with errors that name the row.
+    with fs.open(fpath, "rb", compression="infer") as f:
+        try:
+            schema = pq.read_schema(f) if fmt == "parquet" else pacsv.open_csv(f).schema
+        except (pa.ArrowException, OSError) as err:
+            raise UsageError(f"{name}: not a readable {fmt} file ({str(err).splitlines()[0]})") from None
+    feats = _choose([(fld.name, numeric(fld.type)) for fld in schema], model, name)
+    with open_table(path, target=None, features=feats) as src:
+        table = pa.Table.from_batches(list(src.batches), schema=src.schema)
+    return _matrix(table, feats, name)
+
+
+def _from_store(path: str, model: Any) -> tuple[np.ndarray, str]:
+    import pyarrow as pa
+
+    from hpcml.data.clean import numeric
+    from hpcml.data.store import iter_shards
+
+    tables = [t for _, t in iter_shards(path)]  # each shard checked against the manifest's sha256
+    table = pa.concat_tables(tables)
+    feats = _choose([(f.name, numeric(f.type)) for f in table.schema], model, path)
+    return _matrix(table.select(feats), feats, path), path
+
+
+def _from_numpy(fs: Any, fpath: str, name: str, fmt: str) -> np.ndarray:
+    try:
+        with fs.open(fpath, "rb") as f:
+            loaded = np.load(f, allow_pickle=False)
+            if fmt == "npz":
+                with loaded as z:
+                    if "x" not in z.files:
+                        raise UsageError(f"{name}: no array 'x' in the .npz; it holds {', '.join(z.files)}")
+                    loaded = z["x"]
+    except ValueError as err:  # object arrays need pickle, which hpcml never loads
+        raise UsageError(f"{name}: not a plain numeric NumPy file ({err})") from None
+    if loaded.dtype.kind not in "biuf":
+        raise UsageError(f"{name}: features must be numeric, got dtype {loaded.dtype}")
+    return loaded
+
+
+def _matrix(table: Any, feats: list[str], name: str) -> np.ndarray:
+    import pyarrow as pa
+
+    x = np.empty((table.num_rows, len(feats)), np.float32)
+    for j, col in enumerate(feats):
+        x[:, j] = table.column(col).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    bad = ~np.isfinite(x)
+    if bad.any():  # a guessed value would be a silent wrong answer: name the first bad cell instead
+        i = int(np.argmax(bad.any(axis=1)))
+        raise UsageError(
+            f"{name}: row {i + 1}, column {feats[int(np.argmax(bad[i]))]!r} is missing or not finite "
+            f"({int(bad.any(axis=1).sum())} such row(s)); clean the input before predicting"
+        )
+    return x
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def _output_format(output: str | Path) -> str:
+    text = str(output)
+    if "://" in text and not text.startswith("file://"):
+        raise UsageError(f"{text}: output goes to a local file (written atomically); copy it afterwards")
+    suffix = Path(text).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise UsageError(f"{text}: unknown output type {suffix or '(none)'}; use {', '.join(OUTPUT_FORMATS)}")
+    return OUTPUT_FORMATS[suffix]
+
+
+def write_output(
+    output: str | Path, result: np.ndarray, *, model: Any, probabilities: bool, fmt: str | None = None
+) -> Path:
+    """`prediction` (+ `prob_<class>`) columns, in input order, written to a temp file then renamed."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    fmt = fmt or _output_format(output)
+    path = Path(str(output).removeprefix("file://"))
+    if model.meta.get("task") == "regression":
+        columns = {"prediction": pa.array(result)}
+    else:
+        index = result.argmax(1) if probabilities else result
+        columns = {"prediction": pc.take(pa.array([str(c) for c in model.classes]), pa.array(index))}
+        if probabilities:
+            columns |= {f"prob_{c}": pa.array(result[:, k]) for k, c in enumerate(model.classes)}
+    table = pa.table(columns)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if fmt == "parquet":
+            pq.write_table(table, tmp, compression="zstd")
+        else:
+            pacsv.write_csv(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

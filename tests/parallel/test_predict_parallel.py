@@ -1,0 +1,168 @@
+"""Parallel batch inference: identical rows to single-process predict, file inputs, clear errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+import hpcml
+from hpcml.errors import HpcmlError, UsageError
+from hpcml.parallel.predict import predict_parallel
+
+FEATURES = 8
+CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    cfg = {
+        "data": {"name": "synthetic", "rows": 600, "features": FEATURES, "classes": CLASSES},
+        "model": {"name": "mlp", "kwargs": {"hidden": 32}},
+        "epochs": 3,
+        "batch_size": 64,
+        "threads": 1,
+    }
+    run = hpcml.train(cfg, out=tmp_path_factory.mktemp("predict") / "run")
+    return run.dir / "model"
+
+
+@pytest.fixture(scope="module")
+def x():
+    # odd row count and a small batch size: shards and batches end mid-way, so ordering bugs show
+    return np.random.default_rng(1).normal(size=(5001, FEATURES)).astype(np.float32)
+
+
+def _table(x: np.ndarray, *, extra: bool = True) -> pa.Table:
+    cols = {f"f{i}": x[:, i] for i in range(x.shape[1])}
+    if extra:  # a text id and a label column: neither is a feature
+        cols = {"id": [f"row{i}" for i in range(len(x))], **cols}
+    return pa.table(cols)
+
+
+def test_two_workers_match_single_process_row_for_row(model_dir, x, tmp_path):
+    ref_idx = hpcml.predict(model_dir, x)  # single process, Model.predict
+    ref_prob = hpcml.predict(model_dir, x, probabilities=True)
+    out2 = tmp_path / "w2.parquet"
+    prob2 = hpcml.predict(model_dir, x, workers=2, batch_size=1000, probabilities=True, output=out2)
+    assert prob2.shape == (len(x), CLASSES) and prob2.dtype == np.float32
+    np.testing.assert_array_equal(prob2, ref_prob)
+    np.testing.assert_array_equal(prob2.argmax(1), ref_idx)
+    assert len(set(ref_idx.tolist())) > 1  # a constant prediction would hide an ordering bug
+
+    out1 = tmp_path / "w1.parquet"
+    predict_parallel(model_dir, x, workers=1, probabilities=True, output=out1)
+    t1, t2 = pq.read_table(out1), pq.read_table(out2)
+    assert t1.equals(t2)
+    assert t2.column_names == ["prediction", *(f"prob_{c}" for c in range(CLASSES))]
+    assert t2.column("prediction").to_pylist() == [str(i) for i in ref_idx]
+    np.testing.assert_array_equal(t2.column("prob_1").to_numpy(), ref_prob[:, 1])
+    assert not list(tmp_path.glob(".*tmp*"))  # no temp files left behind
+
+
+def test_file_inputs_give_the_same_rows(model_dir, x, tmp_path):
+    ref = hpcml.predict(model_dir, x)
+    table = _table(x)
+    pq.write_table(table, tmp_path / "in.parquet")
+    pacsv.write_csv(table, tmp_path / "in.csv")
+    np.savez(tmp_path / "in.npz", x=x)
+    np.save(tmp_path / "in.npy", x)
+    from hpcml.data.store import pack
+
+    pack(tmp_path / "in.parquet", tmp_path / "store", features=[f"f{i}" for i in range(FEATURES)])
+    for name in ("in.parquet", "in.csv", "in.npz", "in.npy", "store"):
+        got = hpcml.predict(model_dir, tmp_path / name)
+        np.testing.assert_array_equal(got, ref, err_msg=name)
+    out = tmp_path / "preds.csv"
+    hpcml.predict(model_dir, str(tmp_path / "in.csv"), output=out)
+    rows = pacsv.read_csv(out, convert_options=pacsv.ConvertOptions(column_types={"prediction": pa.string()}))
+    assert rows.column_names == ["prediction"]
+    assert rows.column("prediction").to_pylist() == [str(i) for i in ref]
+
+
+def test_columns_that_do_not_match_the_model(model_dir, x, tmp_path):
+    pacsv.write_csv(_table(x[:, :7]), tmp_path / "seven.csv")
+    with pytest.raises(
+        UsageError, match=r"seven\.csv: 7 numeric feature column\(s\) but the model takes 8 inputs"
+    ):
+        hpcml.predict(model_dir, tmp_path / "seven.csv")
+    # a model that records its feature names is matched by name, and missing ones are named
+    named = tmp_path / "named"
+    shutil.copytree(model_dir, named)
+    meta = json.loads((named / "model.json").read_text())
+    (named / "model.json").write_text(
+        json.dumps({**meta, "features": [f"f{i}" for i in range(6)] + ["a", "b"]})
+    )
+    pacsv.write_csv(_table(x), tmp_path / "in.csv")
+    with pytest.raises(UsageError, match=r"missing column\(s\) 'a', 'b' that the model was trained on"):
+        hpcml.predict(named, tmp_path / "in.csv")
+    # by name, in the model's order: the input's column order does not matter
+    (named / "model.json").write_text(json.dumps({**meta, "features": [f"f{i}" for i in range(FEATURES)]}))
+    shuffled = _table(x).select(["f3", "id", "f0", "f7", "f1", "f2", "f6", "f5", "f4"])
+    pq.write_table(shuffled, tmp_path / "shuffled.parquet")
+    np.testing.assert_array_equal(
+        hpcml.predict(named, tmp_path / "shuffled.parquet"), hpcml.predict(model_dir, x)
+    )
+
+
+def test_bad_input_is_a_clear_error(model_dir, x, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x00\x00\x01")
+    with pytest.raises(HpcmlError, match=r"model\.safetensors: sha256 mismatch"):
+        predict_parallel(bad, x, workers=2)
+    with pytest.raises(UsageError, match=r"unknown output type \.txt"):
+        hpcml.predict(model_dir, x, output=tmp_path / "p.txt")
+    with pytest.raises(UsageError, match="workers must be a whole number >= 1"):
+        hpcml.predict(model_dir, x, workers=0)
+    with pytest.raises(UsageError, match="model expects"):
+        hpcml.predict(model_dir, x[:, :5])
+    xn = x[:10].copy()
+    xn[4, 2] = np.nan
+    pacsv.write_csv(_table(xn), tmp_path / "nan.csv")
+    with pytest.raises(UsageError, match=r"nan\.csv: row 5, column 'f2' is missing or not finite"):
+        hpcml.predict(model_dir, tmp_path / "nan.csv")
+    with pytest.raises(UsageError, match="file not found"):
+        hpcml.predict(model_dir, tmp_path / "nope.parquet")
+    assert not (tmp_path / "p.txt").exists()
+
+
+def test_cli_predict(model_dir, x, tmp_path, cli):
+    pq.write_table(_table(x), tmp_path / "in.parquet")
+    out = tmp_path / "preds.parquet"
+    r = cli("predict", str(model_dir), "--input", str(tmp_path / "in.parquet"), "--output", str(out),
+            "--workers", "2", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["rows"] == len(x) and doc["workers"] == 2 and doc["rows_per_second"] > 0
+    ref = hpcml.predict(model_dir, x)
+    assert pq.read_table(out).column("prediction").to_pylist() == [str(i) for i in ref]
+    r = cli(
+        "predict",
+        str(model_dir),
+        "--input",
+        str(tmp_path / "in.parquet"),
+        "--output",
+        str(tmp_path / "p.json"),
+    )
+    assert r.returncode == 2
+    assert "unknown output type .json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_regression_model_writes_values(model_dir, x, tmp_path):
+    reg = tmp_path / "reg"
+    shutil.copytree(model_dir, reg)
+    meta = json.loads((reg / "model.json").read_text())
+    (reg / "model.json").write_text(json.dumps({**meta, "task": "regression"}))
+    values = predict_parallel(reg, x[:100], output=tmp_path / "v.parquet")
+    expect = hpcml.load_model(model_dir).logits(x[:100])[:, 0].numpy()
+    np.testing.assert_array_equal(values, expect)
+    col = pq.read_table(tmp_path / "v.parquet").column("prediction")
+    assert pa.types.is_floating(col.type) and np.array_equal(col.to_numpy(), expect)
+    with pytest.raises(UsageError, match="probabilities are for classification models"):
+        predict_parallel(reg, x[:100], probabilities=True)
