@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # first (see README); the install step keeps any torch that is already there.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-test demo test lint bench-foundation clean
+.PHONY: install install-test demo test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,9 @@ lint: install-test
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-bench-foundation: install
-	$(PY) benchmarks/foundation.py
+# the full suite (~10 min on 2 cores); writes benchmarks/results/bench-<host>-<date>.{json,md} + plots
+bench: install
+	$(VENV)/bin/hpcml bench --suite full --out benchmarks/results
 
 clean:
 	rm -rf runs build *.egg-info

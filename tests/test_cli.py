@@ -26,7 +26,7 @@ SMALL = [
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--data", "nope"], "unknown dataset 'nope': not a built-in (mnist1d, digits, synthetic) and no such file"),
+        (["--data", "nope"], "unknown dataset 'nope': not a built-in (mnist1d, digits, synthetic)"),
         (["--model", "resnet"], "model.name: unknown model 'resnet'; valid: auto, mlp, cnn1d, cnn2d"),
         (
             ["--optimizer", "lbfgs"],

@@ -33,6 +33,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "load_config",
+    "bench",
 ]
 
 _LAZY = {
@@ -48,6 +49,7 @@ _LAZY = {
     "ModelConfig": "hpcml.config",
     "OptimConfig": "hpcml.config",
     "load_config": "hpcml.config",
+    "bench": "hpcml.bench",
 }
 
 if TYPE_CHECKING:

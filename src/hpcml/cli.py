@@ -369,7 +369,9 @@ from hpcml.cli_tasks import register as _register_tasks  # noqa: E402  (`hpcml s
 
 _register_tasks(app)
 
+from hpcml.cli_bench import register as _register_bench  # noqa: E402  (`hpcml bench`; no torch)
 
+_register_bench(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,244 @@
+"""Bench output: JSON + Markdown under the out dir, plots, and a console table.
+
+All files are rendered into a temporary folder inside the out dir first and moved into place at the
+end, so an interrupted or failed bench never leaves half-written results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HEADER = ["case", "contender", "median", "min", "max", "runs", "note"]
+
+
+def _fmt(v: Any, metric: str) -> str:
+    if v is None:
+        return "not reached" if metric == "seconds" else "n/a"
+    if metric == "seconds":
+        return f"{v:.2f} s"
+    if metric == "FLOP/s":
+        return f"{v / 1e9:,.1f} GFLOP/s"
+    return f"{v:,.0f}"
+
+
+def case_rows(case: dict[str, Any]) -> list[list[str]]:
+    """One row per contender of a case: the same cells for the console and the Markdown table."""
+    name = case["name"]
+    if case["status"] != "ok":
+        return [[name, "-", "-", "-", "-", "-", f"skipped: {case['reason']}"]]
+    if name == "breakdown":
+        rows = []
+        for cfg_name, b in case["configs"].items():
+            parts = ", ".join(
+                f"{k} {v['fraction']:.0%}"
+                for k, v in b["phases"].items()
+                if k != "communication" or v["fraction"]
+            )
+            ms = b["loop_seconds_per_step"] * 1e3
+            rows.append([name, cfg_name, f"{ms:.2f} ms", "-", "-", str(b["steps"]), parts])
+        return rows
+    metric = case["metric"]
+    rows = []
+    for contender, c in case["contenders"].items():
+        if "skipped" in c:
+            rows.append([name, contender, "-", "-", "-", "-", f"skipped: {c['skipped']}"])
+            continue
+        s = c["summary"]
+        note = ""
+        speed = case.get("speedups", {}).get(contender)
+        if speed is not None:
+            note = f"hpcml {speed:.2f}x faster"
+        if name == "time-to-accuracy":
+            note = f"{s['ok']}/{s['runs']} reached, {c['epochs_median']:g} epochs" + (
+                f"; {note}" if note else ""
+            )
+        if name in ("scaling", "predict"):
+            point = next((p for p in case["curve"] if _label(p) == contender), None)
+            if point is not None and point["efficiency"] is not None:
+                note = f"efficiency {point['efficiency']:.0%}"
+        if name == "mfu" and contender == "hpcml":
+            note = f"MFU {case['mfu_measured_peak']:.0%} of measured peak"
+            if case.get("mfu_datasheet") is not None:
+                note += f", {case['mfu_datasheet']:.0%} of datasheet"
+        cells = [_fmt(s[k], metric) for k in ("median", "min", "max")]
+        rows.append([name, contender, *cells, str(s["runs"]), note])
+    return rows
+
+
+def _label(point: dict) -> str:
+    if "procs" in point:
+        n = point["procs"]
+        return f"{n} proc{'s' if n > 1 else ''} x 1 thread"
+    n = point["workers"]
+    return f"{n} worker{'s' if n > 1 else ''}"
+
+
+def goal_rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for g in result["goals"]:
+        value = "n/a" if g["value"] is None else f"{g['value']:.2f}"
+        status = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
+        rows.append([g["goal"], value, f"{g['target']:g}", status, g["note"]])
+    return rows
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    gpu = f", GPU {env['gpu']}" if env.get("gpu") else ""
+    return (
+        f"{env['cpu']}, {env['cores']} cores, torch threads {env['threads']}, torch {env['torch']}, "
+        f"hpcml {env['hpcml']}{gpu}, {env['date']}; load average {env['loadavg_start']:.2f} at start, "
+        f"{env.get('loadavg_end', float('nan')):.2f} at end"
+    )
+
+
+def busy_note(env: dict[str, Any]) -> str:
+    """A warning when other processes competed for the cores: the numbers then carry their noise."""
+    load = max(env.get("loadavg_start", 0.0), env.get("loadavg_end", 0.0))
+    if load < env["cores"]:
+        return ""
+    return (
+        f"**Busy machine:** load average {load:.1f} on {env['cores']} cores during the run: other "
+        "processes competed for the cores, so these numbers are noisy (and slower than on an idle machine)."
+    )
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def table(header: list[str], rows: list[list[str]]) -> list[str]:
+        return [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *("| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows),
+        ]
+
+    lines = [
+        f"# hpcml bench ({result['suite']} suite)",
+        "",
+        environment_line(result["environment"]) + ".",
+        f"Repeats {result['config']['repeat']} (median, min, max; contenders interleaved, warm-up excluded).",
+        "",
+        *([busy_note(result["environment"]), ""] if busy_note(result["environment"]) else []),
+        *([f"Note: {result['note']}.", ""] if result.get("note") else []),
+        "## Goals",
+        "",
+        *table(["goal", "ratio", "target", "status", "note"], goal_rows(result)),
+        "",
+        "## Cases",
+        "",
+        *table(HEADER, [r for c in result["cases"].values() for r in case_rows(c)]),
+        "",
+        "Speedups are ratios of medians, > 1 favours hpcml. Time to accuracy includes the per-epoch test",
+        "evaluation for every contender and excludes data generation and process start-up.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def console_table(result: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"hpcml bench ({result['suite']}): {environment_line(result['environment'])}")
+    for h in HEADER:
+        t.add_column(h, justify="left" if h in ("case", "contender", "note") else "right")
+    for case in result["cases"].values():
+        for row in case_rows(case):
+            t.add_row(*row)
+    console.print(t)
+    g = Table(title="goals (ratios from this run)")
+    for h in ("goal", "ratio", "target", "status", "note"):
+        g.add_column(h, justify="right" if h in ("ratio", "target") else "left")
+    for row in goal_rows(result):
+        g.add_row(*row)
+    console.print(g)
+
+
+def _plots(result: dict[str, Any], folder: Path, stem: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    cases = result["cases"]
+    ttt = cases.get("time-to-accuracy")
+    if ttt and ttt["status"] == "ok":
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (name, c) in enumerate(ttt["contenders"].items()):
+            for j, run in enumerate(c.get("runs", [])):
+                xs, ys = zip(*run["curve"], strict=True) if run["curve"] else ((), ())
+                ax.plot(
+                    xs,
+                    ys,
+                    marker=".",
+                    color=f"C{i}",
+                    alpha=1.0 if j == 0 else 0.4,
+                    label=name if j == 0 else None,
+                )
+        ax.axhline(ttt["config"]["target"], color="grey", linestyle="--", linewidth=1, label="target")
+        ax.set(xlabel="seconds (training + per-epoch eval)", ylabel="test accuracy", title=ttt["title"])
+        ax.set_ylim(0.3, 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        written.append(_save(fig, folder / f"{stem}-time-to-accuracy.png"))
+    curves = [c for k in ("scaling", "predict") if (c := cases.get(k)) and c["status"] == "ok"]
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.2), squeeze=False)
+        for ax, case in zip(axes[0], curves, strict=True):
+            key, unit = (
+                ("procs", "samples_per_second")
+                if case["name"] == "scaling"
+                else ("workers", "rows_per_second")
+            )
+            xs = [p[key] for p in case["curve"]]
+            ys = [p[unit] for p in case["curve"]]
+            ax.plot(xs, ys, marker="o", label="hpcml")
+            ax.plot(xs, [ys[0] * x for x in xs], linestyle="--", color="grey", label="ideal")
+            ax.set(xlabel=key, ylabel=unit.replace("_", " "), title=case["title"], xticks=xs)
+            ax.title.set_fontsize(9)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        written.append(_save(fig, folder / f"{stem}-scaling.png"))
+    bd = cases.get("breakdown")
+    if bd and bd["status"] == "ok":
+        fig, ax = plt.subplots(figsize=(8, 0.6 * len(bd["configs"]) + 1.6))
+        names = list(bd["configs"])
+        left = [0.0] * len(names)
+        for i, phase in enumerate(next(iter(bd["configs"].values()))["phases"]):
+            widths = [bd["configs"][n]["phases"][phase]["fraction"] * 100 for n in names]
+            ax.barh(names, widths, left=left, color=f"C{i}", label=phase)
+            left = [a + b for a, b in zip(left, widths, strict=True)]
+        ax.set(xlabel="% of step time", title=bd["title"], xlim=(0, 100))
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(fontsize=7, ncols=5, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+        written.append(_save(fig, folder / f"{stem}-breakdown.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(result: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    """Render JSON, Markdown and plots, then move them into `out` together."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".bench-", dir=out))
+    try:
+        (staging / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (staging / f"{stem}.md").write_text(markdown(result))
+        _plots(result, staging, stem)
+        final = []
+        for f in sorted(staging.iterdir()):
+            os.replace(f, out / f.name)
+            final.append(out / f.name)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,118 @@
+"""`hpcml bench`: the benchmark suite and the doctor on the command line. No logic lives here.
+
+Registered in cli.py with `register(app)`. torch is imported inside the command, so `hpcml --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["register"]
+
+HELP = (
+    "Measure hpcml side by side with plain PyTorch (and Lightning when installed): time to 94% on "
+    "MNIST-1D, MLP throughput, MFU, data-parallel and parallel-predict scaling, step-time breakdown. "
+    "Writes <stem>.json, <stem>.md and plots under --out; ratios > 1 favour hpcml.\n\n"
+    "Examples:\n\n"
+    "  hpcml bench                         # quick suite: < 3 min on 2 cores\n\n"
+    "  hpcml bench --suite full --out benchmarks/results\n\n"
+    "  hpcml bench --cases time-to-accuracy,mfu --repeat 5 --json\n\n"
+    "  hpcml bench --doctor runs/X/config.yaml     # where does the step time go?"
+)
+
+
+def _bench(
+    suite: Annotated[str, typer.Option(help="quick (< 3 min on 2 cores) or full (~10 min).")] = "quick",
+    cases: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cases",
+            help="Cases to run, comma-separated or repeated: time-to-accuracy, throughput, mfu, "
+            "scaling, predict, breakdown (default: all).",
+        ),
+    ] = None,
+    repeat: Annotated[int | None, typer.Option(help="Repeats per contender (default: suite's).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON, Markdown and plots.")] = Path("runs/bench"),
+    stem: Annotated[str | None, typer.Option(help="File name stem (default bench-<host>-<date>).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all available cores).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    doctor: Annotated[
+        Path | None,
+        typer.Option(help="Instead of the suite: break down the step time of this run config (YAML)."),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="--doctor: steps to time.")] = 30,
+    nproc: Annotated[int, typer.Option(help="--doctor: processes the config runs with.")] = 1,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print the result JSON on stdout (only that).")
+    ] = False,
+) -> None:
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    if doctor is not None:
+        from hpcml.bench import doctor as run_doctor
+
+        result = run_doctor(doctor, steps=steps, nproc=nproc)
+        if json_:
+            typer.echo(json.dumps(result, indent=2))
+        else:
+            _print_doctor(result, Console())
+        return
+
+    from hpcml.bench import bench, parse_cases
+
+    parse_cases(cases)  # a bad name fails before anything runs
+    log = (
+        (lambda msg: err.print(msg, highlight=False, markup=False))
+        if not json_
+        else (lambda msg: typer.echo(msg, err=True))
+    )
+    result = bench(
+        suite=suite, cases=cases, repeat=repeat, out=out, threads=threads, device=device, stem=stem, log=log
+    )
+    if json_:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from hpcml.bench.report import console_table
+
+    console = Console(width=None if Console().is_terminal else 160)
+    console_table(result, console)
+    for f in result.get("files", []):
+        typer.echo(f"wrote {f}")
+
+
+def _print_doctor(result: dict, console) -> None:
+    from rich.table import Table
+
+    b = result["breakdown"]
+    t = Table(
+        title=f"step-time breakdown: {b['model']} on {b['data']}, batch {b['batch_size']}, {b['device']}, "
+        f"{b['precision']}, {b['threads']} threads ({b['steps']} steps)",
+        title_justify="left",
+    )
+    for h in ("phase", "ms/step", "share"):
+        t.add_column(h, justify="left" if h == "phase" else "right")
+    for k, v in b["phases"].items():
+        t.add_row(k, f"{v['seconds_per_step'] * 1e3:.3f}", f"{v['fraction']:.0%}")
+    t.add_row("sum of phases (synchronized)", f"{b['phase_sum_seconds_per_step'] * 1e3:.3f}", "")
+    t.add_row("hpcml loop (no syncs)", f"{b['loop_seconds_per_step'] * 1e3:.3f}", "")
+    console.print(t)
+    console.print(
+        f"{b['samples_per_second']:,.0f} samples/s, {b['loop_flops_per_second'] / 1e9:,.2f} GFLOP/s = "
+        f"{b['mfu']:.1%} of the measured matmul peak ({b['peak_flops'] / 1e9:,.1f} GFLOP/s)",
+        highlight=False,
+    )
+    if not result["hints"]:
+        console.print("no known cause of slowness shows", highlight=False)
+    for h in result["hints"]:
+        console.print(f"hint ({h['cause']}): {h['hint']}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `bench` command to the `hpcml` app."""
+    app.command("bench", help=HELP, no_args_is_help=False)(_bench)
