@@ -32,9 +32,18 @@ def _parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _failed_at(failure) -> int:
+    """When a rank failed, in ns: the worker's own clock from its error file (torch keeps whole seconds
+    only, which ties when the first failure makes its peers fail within the same second)."""
+    try:
+        return int(failure.message["extraInfo"]["hpcml_time_ns"])  # the error file's message, as read
+    except (ValueError, KeyError, TypeError):
+        return int(failure.timestamp) * 10**9 + 999_999_999  # no error file: after any same-second one
+
+
 def _failure_message(err) -> str:
     """Name the rank that failed first and its own error message (from the worker's error file)."""
-    failures = sorted(err.failures.items(), key=lambda kv: kv[1].timestamp)
+    failures = sorted(err.failures.items(), key=lambda kv: _failed_at(kv[1]))
     rank, f = failures[0]
     msg = f.message.get("message", json.dumps(f.message)) if isinstance(f.message, dict) else str(f.message)
     if not msg or msg.startswith("To enable traceback") or f.exitcode < 0:

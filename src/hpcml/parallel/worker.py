@@ -25,7 +25,11 @@ def _write_error_file(exc: BaseException) -> None:
     data = {
         "message": {
             "message": message,
-            "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))},
+            "extraInfo": {
+                "py_callstack": traceback.format_exc(),
+                "timestamp": str(int(time.time())),
+                "hpcml_time_ns": str(time.time_ns()),
+            },
         }
     }
     with open(path, "w") as f:
