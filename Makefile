@@ -25,6 +25,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
+	rm -rf runs/demo  # a fresh run each time (a run dir with checkpoints is only continued by --resume)
 	$(VENV)/bin/hpcml train --out runs/demo
 
 test: install-test
