@@ -197,3 +197,12 @@ def test_urls_lose_their_credentials_in_messages():
     with pytest.raises(UsageError) as err:
         read_table("foo://bob:s3cret@host/d.csv", target="y")
     assert "s3cret" not in str(err.value) and "foo://host/d.csv" in str(err.value)
+
+
+def test_repeated_rows_marks_later_copies_only():
+    from hpcml.data.clean import repeated_rows
+
+    x = np.array([[1, 2], [3, 4], [1, 2], [1, 2], [5, 6], [3, 4]], np.float32)
+    y = np.array([0, 1, 0, 1, 0, 1])
+    # row 2 repeats row 0; row 3 has the same features but another label; row 5 repeats row 1
+    assert repeated_rows(x, y).tolist() == [False, False, True, False, False, True]

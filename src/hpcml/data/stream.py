@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from hpcml.data import store as _store
@@ -173,28 +172,12 @@ class _ShardReader:
             table, name=shown, fmt="hpcml-store", target=self.target, features=self.features,
             missing=self.missing, classes=self.m["classes"],
             feature_shape=self.m.get("feature_shape") if self.features is None else None,
+            duplicates=False, with_kept=True,
         )  # fmt: skip
-        ids = np.arange(self.offsets[i], self.offsets[i + 1], dtype=np.int64)
-        if report["rows_dropped"]:
-            ids = ids[self._kept(table, report["feature_names"])]
-            if len(ids) != len(x):
-                raise HpcmlError(f"{shown}: internal: {len(ids)} row ids for {len(x)} cleaned rows")
+        ids = np.arange(self.offsets[i], self.offsets[i + 1], dtype=np.int64)[report.pop("kept")]
         if self.transform is not None:
             x = self.transform(x)
         return x, y, ids, report
-
-    def _kept(self, table: pa.Table, features: list[str]) -> np.ndarray:
-        """The rows table_to_arrays kept (same rule: a label, and finite float32 features if drop)."""
-        from hpcml.data.clean import _label_kind
-
-        ok = _label_kind(table.column(self.target), "", self.target)[1].is_valid()
-        ok = ok.to_numpy(zero_copy_only=False)
-        if self.missing == "drop":
-            for f in features:
-                col = table.column(f).cast(pa.float64()).to_numpy(zero_copy_only=False)
-                with np.errstate(over="ignore"):
-                    ok &= np.isfinite(col.astype(np.float32))
-        return ok
 
 
 def _prefetched(fn: Callable, items: Iterable, *, depth: int, workers: int = 1) -> Iterator:

@@ -44,14 +44,10 @@ def read_user_table(cfg: DataConfig, path: str) -> tuple[np.ndarray, np.ndarray,
 
 def _dedupe_and_constants(cfg: DataConfig, x: np.ndarray, y: np.ndarray, report: dict):
     if cfg.drop_duplicates and report.get("duplicate_rows", 0):
-        flat = np.ascontiguousarray(
-            np.concatenate([x.reshape(len(x), -1), y.reshape(-1, 1).astype(x.dtype)], 1)
-        )
-        _, first = np.unique(
-            flat.view(np.dtype((np.void, flat.dtype.itemsize * flat.shape[1]))), return_index=True
-        )
-        keep = np.sort(first)  # the first occurrence of every row, in file order
-        report["duplicates_dropped"] = len(x) - len(keep)
+        from hpcml.data.clean import repeated_rows
+
+        keep = ~repeated_rows(x, y)  # the first occurrence of every row, in file order
+        report["duplicates_dropped"] = int(len(x) - keep.sum())
         x, y = x[keep], y[keep]
     const = report.get("constant_columns") or []
     if cfg.drop_constant and const and x.ndim == 2:
@@ -94,8 +90,6 @@ def _streamed(cfg: DataConfig, path: str) -> Dataset | None:
         return None
     name = redact_url(path)
     target = cfg.target or m["target"]
-    if target != m["target"]:
-        raise UsageError(f"{name}: streaming uses the store's target {m['target']!r}; repack for {target!r}")
     if m.get("classes") is None or cfg.task == "regression":
         raise UsageError(f"{name}: streaming supports classification stores for now; raise --memory-budget")
     if cfg.val_fraction or cfg.test_data or cfg.drop_duplicates or cfg.drop_constant or cfg.folds:

@@ -54,12 +54,10 @@ class Progress:
             self.bar.stop()
 
 
-def fail_hook(fail_at: tuple | None) -> tuple[int, int, str] | None:
+def fail_hook() -> tuple[int, int, str] | None:
     """The failure-injection hook of the tests, "RANK:STEP[:kill]" in HPCML_TEST_FAIL_AT: raise (or
     SIGKILL the process) just before that global step on that rank. Only on a job's first attempt,
     so an elastic restart gets through."""
-    if fail_at is not None:
-        return (fail_at[0], fail_at[1], fail_at[2] if len(fail_at) > 2 else "raise")
     raw = os.environ.get("HPCML_TEST_FAIL_AT")
     if not raw or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         return None

@@ -158,9 +158,12 @@ def evaluate(
     autocast,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     y_scale: tuple[float, float] | None = None,
+    stats: EpochStats | None = None,
 ) -> EpochStats:
+    """Sums of loss and accuracy (R² terms for regression) over x, y; added to `stats` when given, so
+    a split evaluated in chunks (streamed) accumulates in one place."""
     model.eval()
-    stats = EpochStats(x.device, y_scale=y_scale)
+    stats = stats if stats is not None else EpochStats(x.device, y_scale=y_scale)
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         with autocast:

@@ -133,7 +133,6 @@ def run_process(
     out: str | Path | None,
     quiet: bool,
     dist: DistInfo | None = None,
-    fail_at: tuple | None = None,
     resume: bool | str = False,
 ) -> Run | None:
     """The training run of one process: the whole job, or one rank of a data-parallel job.
@@ -172,7 +171,6 @@ def run_process(
             out=out,
             quiet=quiet,
             t_wall=t_wall,
-            fail_at=fail_at,
             resume=resume,
         )
         if ddp:
@@ -220,7 +218,7 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(out[:, 0].float(), y)
 
 
-def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) -> Run | None:
+def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, resume) -> Run | None:
     from hpcml.training.crypto import key_from_env
     from hpcml.training.resume import Checkpointer, find_resume_point, refuse_existing
 
@@ -312,7 +310,7 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
         for row in rows:  # metrics.jsonl holds exactly the epochs the checkpoint has seen
             run_dir.log_epoch(row)
     progress = Progress(main and not quiet and sys.stderr.isatty(), total_steps, cfg.epochs)
-    hook = fail_hook(fail_at)
+    hook = fail_hook()
     trace = Trace(info.rank)
 
     def before_step(i: int) -> None:  # test hook: fail on a chosen rank and global step
@@ -328,7 +326,7 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
     start_epoch = point.epoch if point else 0
     finished = bool(point and point.finished)
 
-    def state(epoch: int, *, stats: list[float] | None = None, done: bool = False) -> dict[str, Any]:
+    def state(*, stats: list[float] | None = None, done: bool = False) -> dict[str, Any]:
         return {
             "rows": rows,
             "stats": stats,
@@ -343,8 +341,17 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
     def save(step: int, epoch: int, batch: int, **kw) -> None:
         ckpt.save(
             step=step, epoch=epoch, batch=batch, module=module, optimizer=optimizer, schedule=schedule,
-            scaler=scaler, extra=state(epoch, **kw),
+            scaler=scaler, extra=state(**kw),
         )  # fmt: skip
+
+    def score(split) -> tuple[float, float]:
+        """(loss, accuracy | R²) over a split: (x, y) tensors, or a factory of streamed chunks."""
+        stats = loop.EpochStats(dev, y_scale=y_scale)
+        for x, y in [split] if isinstance(split, tuple) else split():
+            loop.evaluate(
+                step_model, x, y, batch_size=cfg.eval_batch_size, autocast=amp, loss_fn=eval_loss, stats=stats
+            )
+        return stats.read(reduce)
 
     t_loop = time.perf_counter()
     try:
@@ -396,17 +403,6 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, fail_at, resume) 
             tr_loss, tr_acc = stats.read(reduce)  # the epoch's one sync; the timestamp below follows it
             epoch_seconds = time.perf_counter() - t0 - (ckpt.seconds - ckpt_before)
             step_seconds += epoch_seconds
-
-            def score(split):
-                total = loop.EpochStats(dev, y_scale=y_scale)
-                for x, y in [split] if isinstance(split, tuple) else split():  # tensors, or chunks
-                    part = loop.evaluate(
-                        step_model, x, y, batch_size=cfg.eval_batch_size, autocast=amp, loss_fn=eval_loss,
-                        y_scale=y_scale,
-                    )  # fmt: skip
-                    total.sums += part.sums
-                    total.count += part.count
-                return total.read(reduce)
 
             te_loss, te_acc = score(test_set)
             elapsed = prior_seconds + time.perf_counter() - t_loop
