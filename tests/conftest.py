@@ -29,6 +29,7 @@ def small_cfg() -> dict:
         "epochs": 3,
         "batch_size": 64,
         "threads": 1,
+        "precision": "fp32",  # numerics are compared: never the CPU-dependent auto choice
     }
 
 

@@ -6,6 +6,7 @@ run dir (`config.yaml`) is the fully resolved config and re-runs the same traini
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,8 +207,8 @@ def dump_config(cfg: TrainConfig) -> str:
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge `overrides` (dotted keys allowed: 'optim.lr') into a copy of `base`."""
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    """Deep-merge `overrides` (dotted keys allowed: 'optim.lr') into a copy of `base`; neither is changed."""
+    out = copy.deepcopy(base)
     for key, value in overrides.items():
         node = out
         *parents, leaf = key.split(".")
@@ -215,5 +216,5 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise UsageError(f"cannot set {key}: {p} is not a section")
-        node[leaf] = value
+        node[leaf] = copy.deepcopy(value)
     return out

@@ -49,6 +49,7 @@ def _cfg(name, **data):
         "epochs": 4,
         "batch_size": 64,
         "threads": 1,
+        "precision": "fp32",
     }
 
 

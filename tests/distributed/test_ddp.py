@@ -19,6 +19,7 @@ BASE = {
     "model": {"name": "mlp", "kwargs": {"hidden": 32}},
     "epochs": 3,
     "threads": 1,
+    "precision": "fp32",  # weights are compared across layouts: never the CPU-dependent auto
     "optim": {"name": "sgd", "lr": 0.05},
 }
 # fp32 sums in a different order (two half-batch means averaged vs one mean) differ by a few ulps

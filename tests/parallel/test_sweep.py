@@ -23,6 +23,7 @@ BASE = {
     "model": {"name": "mlp", "kwargs": {"hidden": 32}},
     "epochs": 3,
     "batch_size": 64,
+    "precision": "fp32",  # results are compared between backends and reruns
 }
 GRID = ["lr=1e-3,1e-2", "batch_size=64,128"]
 

@@ -138,7 +138,10 @@ def key_from_env(environ: Mapping[str, str] | None = None) -> bytes | None:
             raw = p.read_bytes()
         except OSError as err:
             raise UsageError(f"HPCML_KEY_FILE {p}: cannot read ({os.strerror(err.errno or 0)})") from None
-        return _parse_key(raw, f"file HPCML_KEY_FILE {p}")
-    if value:
-        return _parse_key(value.encode(), "HPCML_KEY")
-    return None
+        key = _parse_key(raw, f"file HPCML_KEY_FILE {p}")
+    elif value:
+        key = _parse_key(value.encode(), "HPCML_KEY")
+    else:
+        return None
+    _aesgcm(key)  # a key without the cipher package fails now, not at the first checkpoint
+    return key

@@ -41,8 +41,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_has_native_bf16() -> bool:
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether a CPU with these /proc/cpuinfo `flags` (default: this machine's) runs bf16 natively."""
+    return bool((cpu_flags() if flags is None else flags) & NATIVE_BF16_FLAGS)
 
 
 def cpu_name() -> str:
@@ -69,7 +73,14 @@ def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:
     return torch.device(spec)
 
 
-def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
+def resolve_precision(
+    requested: str, device: torch.device, *, flags: frozenset[str] | None = None
+) -> tuple[str, str]:
+    """(precision, reason). `flags` are the CPU's /proc/cpuinfo flags (default: this machine's), so the
+    decision can be tested for any CPU without running on it.
+
+    CPU auto: bf16 only with native bf16 (avx512_bf16 / amx_bf16), where `hpcml bench --cases precision`
+    measured it faster at the same accuracy; AVX2-only CPUs emulate bf16 and fp32 is faster there."""
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         if requested == "auto":
@@ -77,7 +88,7 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
         if requested == "bf16" and not bf16:
             raise UsageError("precision=bf16 but this CUDA device does not support bf16; use fp16 or fp32")
         return requested, "requested"
-    native = cpu_has_native_bf16()
+    native = cpu_has_native_bf16(flags)
     if requested == "auto":
         if native:
             return "bf16", "CPU has native bf16 (avx512_bf16/amx)"
