@@ -126,6 +126,7 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     "  hpcml train --config runs/X/config.yaml                # re-run a past run exactly\n\n"
     "  hpcml train --checkpoint-every 200 --out runs/long     # checkpoint every 200 steps\n\n"
     "  hpcml train --resume runs/long                         # continue after a crash, bit-exact\n\n"
+    "  hpcml train --resume runs/long --epochs 60             # more epochs (constant schedule only)\n\n"
     "  hpcml train --nproc 2 --batch-size 50                  # data parallel, 2 ranks x 50 = global 100\n\n"
     "  hpcml train --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500 --nproc 8   # on each node",
     no_args_is_help=False,
@@ -275,19 +276,20 @@ def train(
         overrides["model.kwargs"] = _parse_pairs(model_kw, "--model-kw")
     overrides.update(_parse_pairs(set_ or [], "--set"))
     if resume is not None:
+        extend = overrides.pop("epochs", None)  # the one documented extension of a resumed run
         if overrides or config is not None or out is not None:
             given = ", ".join(
                 ["--config"] * (config is not None) + ["--out"] * (out is not None) + list(overrides)
             )
             raise UsageError(
                 f"--resume continues {resume} with its own config.yaml; drop {given} (a changed config "
-                "would not continue the same run)"
+                "would not continue the same run; only --epochs may extend a constant-schedule run)"
             )
         from hpcml.training.run import train as run_train
 
         run = run_train(
             None, resume=resume, quiet=quiet or json_, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
-            rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts,
+            rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts, epochs=extend,
         )  # fmt: skip
         _show(run, json_=json_, quiet=quiet, node_rank=node_rank)
         return

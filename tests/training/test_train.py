@@ -38,6 +38,7 @@ def test_run_dir_contents(tmp_path, small_cfg):
     run = hpcml.train(small_cfg, out=tmp_path / "run")
     d = run.dir
     assert sorted(p.name for p in d.iterdir()) == [
+        ".lock",  # the run dir lock (an flock; the file stays, the lock dies with its holder)
         "checkpoints",
         "config.yaml",
         "curves.png",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcml.config import TrainConfig, dump_config
+from hpcml.errors import UsageError
 
 
 def default_run_dir(cfg: TrainConfig, model_name: str) -> Path:
@@ -22,6 +25,55 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+def check_out_dir(path: Path) -> Path:
+    """Refuse an --out that cannot become a run dir before any data is loaded (exit 2)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path}: exists and is not a folder; choose another --out")
+    parent = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path}: {parent} is not writable by this user; choose another --out")
+    return path
+
+
+class RunDirLock:
+    """One process writes a run dir at a time: an exclusive `flock` on `<run dir>/.lock`.
+
+    The OS releases the lock when its holder exits, however it exits, so a killed run never blocks a
+    later `--resume`. The holder's pid is written into the file for the message of the one refused.
+    """
+
+    def __init__(self, path: Path):
+        self.path = check_out_dir(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.path / ".lock"
+        self._fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise UsageError(
+                f"run dir {self.path} in use by pid {holder} (another hpcml run writes it); wait for it "
+                "to end or choose another --out"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = -1
+
+    def __enter__(self) -> RunDirLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class RunDir:

@@ -50,13 +50,63 @@ class ResumePoint:
     time_to_target: float | None
     finished: bool
     restarts: int = field(default=0)
+    planned_epochs: int | None = None  # the epochs of the config it was trained with
+
+    def done(self, epochs: int) -> bool:
+        """Whether nothing is left to train: a finished run, unless it is extended to more epochs."""
+        return self.finished and (self.planned_epochs is None or epochs <= self.planned_epochs)
+
+
+# Fields that change nothing the run computes: they may differ between a checkpoint and its resume.
+_FREE_TO_CHANGE = ("checkpoint.", "threads", "eval_batch_size")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and k != "kwargs":
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_config_unchanged(saved: dict[str, Any] | None, now: dict[str, Any], *, where: Path) -> None:
+    """Refuse to resume with a config that differs from the one the checkpoint was trained with.
+
+    The one documented extension: more `epochs` with `optim.schedule: constant` (the added epochs
+    run at the same lr). A cosine or onecycle schedule is fixed to the step count the run started
+    with: stretching it mid-run would raise the lr again, so extending those is refused.
+    """
+    if saved is None:  # a checkpoint from before hpcml recorded its config: nothing to compare
+        return
+    a, b = _flat(saved), _flat(now)
+    changed = [
+        k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and not k.startswith(_FREE_TO_CHANGE)
+    ]
+    extension = changed == ["epochs"] and b["epochs"] > a["epochs"] and b.get("optim.schedule") == "constant"
+    if not changed or extension:
+        return
+    diff = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in changed)
+    hint = ""
+    if "epochs" in changed and b.get("optim.schedule") != "constant":
+        hint = (
+            f" More epochs extend only a constant-schedule run: the {b.get('optim.schedule')} schedule was "
+            "fixed to the original number of steps, and stretching it would raise the lr again."
+        )
+    raise UsageError(
+        f"{where}: config.yaml differs from the config this run was trained with ({diff}); a resumed run "
+        f"continues the same computation, so it refuses the change.{hint} Undo the edit, or start a new "
+        "run: hpcml train --config RUN/config.yaml --out NEW_DIR"
+    )
 
 
 def find_resume_point(
-    root: Path, *, key: bytes | None, required: bool, layout: dict[str, int]
+    root: Path, *, key: bytes | None, required: bool, layout: dict[str, int], config: dict[str, Any]
 ) -> ResumePoint | None:
     """The newest valid checkpoint under `root` as a ResumePoint; None when there is none and
-    `required` is False. Checkpoints that fail verification are skipped with a warning (load_latest)."""
+    `required` is False. Checkpoints that fail verification are skipped with a warning (load_latest).
+    `config` (the run's config, as JSON) must match the checkpoint's (check_config_unchanged)."""
     ckpt = load_latest(root, key=key)
     if ckpt is None:
         if required:
@@ -70,6 +120,7 @@ def find_resume_point(
             f"{ckpt.path}: written by a run with a different layout ({diff}); resume with the same "
             "--nproc/--nnodes and batch settings, so the data order stays the same"
         )
+    check_config_unchanged(extra.get("config"), config, where=root.parent / "config.yaml")
     return ResumePoint(
         checkpoint=ckpt,
         step=ckpt.step,
@@ -83,6 +134,7 @@ def find_resume_point(
         time_to_target=extra.get("time_to_target"),
         finished=bool(extra.get("finished", False)),
         restarts=int(extra.get("restarts", 0)),
+        planned_epochs=(extra.get("config") or {}).get("epochs"),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -30,7 +31,7 @@ from hpcml.training import loop
 from hpcml.training.hooks import Progress, Trace, fail_hook
 from hpcml.training.optim import build_optimizer, build_schedule
 from hpcml.training.precision import autocast, detect
-from hpcml.training.report import RunDir, default_run_dir
+from hpcml.training.report import RunDir, RunDirLock, check_out_dir, default_run_dir
 from hpcml.training.summary import write_results
 
 
@@ -79,6 +80,7 @@ def train(
     rdzv_endpoint: str | None = None,
     max_restarts: int = 0,
     resume: str | Path | None = None,
+    epochs: int | None = None,
 ) -> Run | None:
     """Train a model as `config` says and write the run dir. Returns a `Run`.
 
@@ -89,7 +91,9 @@ def train(
     run dir; on the other nodes this returns None.
 
     `resume=RUN_DIR` continues that run from its newest valid checkpoint, with its own config.yaml
-    (`config` must then be None) and the same layout. With `max_restarts` > 0 a restarted rank group
+    (`config` must then be None) and the same layout. An edited config.yaml is refused, naming the
+    changed fields; the one extension is more `epochs` (here, or in config.yaml) for a run with a
+    constant schedule. With `max_restarts` > 0 a restarted rank group
     resumes from the newest checkpoint by itself.
     """
     if resume is not None:
@@ -101,26 +105,34 @@ def train(
         if not (resume / "config.yaml").is_file():
             raise hpcml.UsageError(f"{resume}: not a run dir (no config.yaml), nothing to resume")
         config, out = resume / "config.yaml", resume
+    elif epochs is not None:
+        raise hpcml.UsageError("epochs= extends a resumed run; for a new run set epochs in the config")
     cfg = as_config(config)
+    if epochs is not None:
+        cfg = build_config({**cfg.model_dump(mode="json"), "epochs": epochs}, source="epochs")
     if nproc == 1 and nnodes == 1:
-        return run_process(cfg, out=out, quiet=quiet, resume=resume is not None)
+        # with no --out the run dir is named after the data is loaded: run_process locks it then
+        with RunDirLock(Path(out)) if out is not None else contextlib.nullcontext() as lock:
+            return run_process(cfg, out=out, quiet=quiet, resume=resume is not None, lock=lock)
     from hpcml.models.io import load_model
     from hpcml.parallel.launch import launch
 
     if out is None:
         out = default_run_dir(cfg, cfg.model.name)
     out = Path(out)
-    if not launch(
-        cfg,
-        out=out,
-        nproc=nproc,
-        nnodes=nnodes,
-        node_rank=node_rank,
-        rdzv_endpoint=rdzv_endpoint,
-        max_restarts=max_restarts,
-        quiet=quiet,
-        resume=resume is not None,
-    ):
+    with RunDirLock(out):  # held by the launching process for all ranks and restarts
+        done = launch(
+            cfg,
+            out=out,
+            nproc=nproc,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            rdzv_endpoint=rdzv_endpoint,
+            max_restarts=max_restarts,
+            quiet=quiet,
+            resume=resume is not None,
+        )
+    if not done:
         return None
     report = json.loads((out / "report.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -134,6 +146,7 @@ def run_process(
     quiet: bool,
     dist: DistInfo | None = None,
     resume: bool | str = False,
+    lock: RunDirLock | None = None,
 ) -> Run | None:
     """The training run of one process: the whole job, or one rank of a data-parallel job.
 
@@ -142,9 +155,20 @@ def run_process(
     """
     t_wall = time.perf_counter()
     info = dist or DistInfo()
-    ddp = info.world_size > 1
+    if out is not None:
+        check_out_dir(Path(out))  # before the data is loaded: a bad --out fails in a second, exit 2
     data = load_dataset(cfg.data)
     cfg = resolve_model_name(cfg, data)
+    if out is None:
+        out = default_run_dir(cfg, cfg.model.name)
+    with contextlib.ExitStack() as stack:
+        if lock is None and dist is None:  # a DDP rank's run dir is locked by the process that launched it
+            stack.enter_context(RunDirLock(Path(out)))
+        return _run_locked(cfg, data, info, out=out, quiet=quiet, resume=resume, t_wall=t_wall)
+
+
+def _run_locked(cfg, data, info: DistInfo, *, out, quiet, resume, t_wall) -> Run | None:
+    ddp = info.world_size > 1
 
     # the compile decision depends on how many optimizer steps the run takes
     per_step = cfg.batch_size * info.world_size * cfg.grad_accum
@@ -287,15 +311,15 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, resume) -> Run | 
         eval_loss = nn.CrossEntropyLoss()
 
     main = info.is_main
-    if out is None:
-        out = default_run_dir(cfg, cfg.model.name)
     ckpt_root = Path(out) / "checkpoints"
     key = key_from_env()  # None unless HPCML_KEY_FILE / HPCML_KEY is set; never logged
     global_batch = n_train if full_batch else batches.global_batch
     layout = {"world_size": info.world_size, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch}
     point = None
     if resume:
-        point = find_resume_point(ckpt_root, key=key, required=resume is True, layout=layout)
+        point = find_resume_point(
+            ckpt_root, key=key, required=resume is True, layout=layout, config=cfg.model_dump(mode="json")
+        )
     elif main:
         refuse_existing(ckpt_root)
     if point is not None:  # after the scheduler is built (it rewrites the lr), before the first step
@@ -324,7 +348,7 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, resume) -> Run | 
     time_to_target = point.time_to_target if point else None
     prior_seconds = point.train_seconds if point else 0.0
     start_epoch = point.epoch if point else 0
-    finished = bool(point and point.finished)
+    finished = bool(point and point.done(cfg.epochs))
 
     def state(*, stats: list[float] | None = None, done: bool = False) -> dict[str, Any]:
         return {
@@ -336,6 +360,7 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, resume) -> Run | 
             "time_to_target": time_to_target,
             "finished": done,
             "restarts": (point.restarts + 1) if point else 0,
+            "config": cfg.model_dump(mode="json"),  # a resume refuses an edited config.yaml
         }
 
     def save(step: int, epoch: int, batch: int, **kw) -> None:
