@@ -88,11 +88,14 @@ def _bench(
 
 def _print_doctor(result: dict, console) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     b = result["breakdown"]
     t = Table(
-        title=f"step-time breakdown: {b['model']} on {b['data']}, batch {b['batch_size']}, {b['device']}, "
-        f"{b['precision']}, {b['threads']} threads ({b['steps']} steps)",
+        title=Text(  # Text, not markup: a data name or path may hold "[...]"
+            f"step-time breakdown: {b['model']} on {b['data']}, batch {b['batch_size']}, {b['device']}, "
+            f"{b['precision']}, {b['threads']} threads ({b['steps']} steps)"
+        ),
         title_justify="left",
     )
     for h in ("phase", "ms/step", "share"):
@@ -106,11 +109,12 @@ def _print_doctor(result: dict, console) -> None:
         f"{b['samples_per_second']:,.0f} samples/s, {b['loop_flops_per_second'] / 1e9:,.2f} GFLOP/s = "
         f"{b['mfu']:.1%} of the measured matmul peak ({b['peak_flops'] / 1e9:,.1f} GFLOP/s)",
         highlight=False,
+        markup=False,
     )
     if not result["hints"]:
-        console.print("no known cause of slowness shows", highlight=False)
+        console.print("no known cause of slowness shows", highlight=False, markup=False)
     for h in result["hints"]:
-        console.print(f"hint ({h['cause']}): {h['hint']}", highlight=False)
+        console.print(f"hint ({h['cause']}): {h['hint']}", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

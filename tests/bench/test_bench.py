@@ -205,6 +205,18 @@ def test_predict_case_is_skipped_with_the_reason_when_the_module_is_missing(monk
     assert case["status"] == "skipped" and "hpcml.parallel.predict" in case["reason"]
 
 
+def test_missing_lightning_hint_keeps_its_extra_in_the_table(cli, tmp_path):
+    """The printed table says `pip install 'hpcml[compare]'`; rich markup used to eat "[compare]"."""
+    from hpcml.bench.baselines import lightning
+
+    if lightning()[0] is not None:
+        pytest.skip("Lightning is installed: the bench prints no install hint")
+    r = cli("bench", "--cases", "throughput", "--repeat", "1", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipped: Lightning is not installed (pip install 'hpcml[compare]')" in r.stdout, r.stdout
+    assert "'hpcml')" not in r.stdout
+
+
 def test_quick_suite_smoke(cli, tmp_path):
     """The whole quick suite through the real CLI, once: it runs and writes its files."""
     out = tmp_path / "bench"

@@ -186,3 +186,21 @@ def test_bad_launch_arguments(tmp_path):
         hpcml.train(BASE, out=tmp_path / "x", nnodes=2)
     with pytest.raises(hpcml.UsageError, match="HOST:PORT"):
         hpcml.train(BASE, out=tmp_path / "x", nproc=2, rdzv_endpoint="nohostport")
+
+
+def test_launch_prints_no_elastic_info_and_leaves_no_temp_dirs(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    # torch's compile cache also defaults to the temp dir (a cache meant to outlive the run): keep it apart
+    env = {"TMPDIR": str(tmp), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    p = _cli(
+        "train", "--nproc", "2", "--data", "synthetic", "--rows", "400", "--features", "8", "--model", "mlp",
+        "--model-kw", "hidden=16", "--epochs", "1", "--threads", "1", "--precision", "fp32",
+        "--out", str(tmp_path / "run"), env=env,
+    )  # fmt: skip
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err
+    assert "torch/distributed/elastic" not in err and "torchelastic" not in err, err
+    assert not [line for line in err.splitlines() if line.startswith("I")], err  # glog-style INFO lines
+    assert sorted(p.name for p in tmp.iterdir()) == []  # no torchelastic_* log dir, no hpcml-launch-*
+    assert (tmp_path / "run" / "report.json").exists()

@@ -17,6 +17,7 @@ from hpcml.data.folds import apply_folds
 from hpcml.data.sources import load_dataset
 from hpcml.errors import HpcmlError, UsageError
 from hpcml.parallel.sweep import HOOK_ENV, _points, parse_params, resolve_name
+from hpcml.parallel.tasks import Runner, Task
 
 BASE = {
     "data": {"name": "synthetic", "rows": 600, "features": 8, "classes": 3},
@@ -93,26 +94,47 @@ def test_rerun_runs_nothing(local_sweep, tmp_path, cli):
     assert doc["ran"] == 0 and doc["skipped"] == 8 and doc["best"]["mean"] == local_sweep.best["mean"]
 
 
-def test_killed_job_is_retried_and_failing_job_recorded(tmp_path, monkeypatch):
-    # classes=3 SIGKILLs its own process on the first attempt; classes=40 is too many for 8 features
-    # and fails at run time on every attempt
+def test_killed_job_is_retried_and_config_error_is_neither_retried_nor_ranked(tmp_path, monkeypatch):
+    # classes=3 SIGKILLs its own process on the first attempt; classes=40 is too many for 8 features:
+    # a UsageError at run time, the same on every attempt, so it is not retried
     monkeypatch.setenv(HOOK_ENV, "data.classes=3:kill-first")
-    res = hpcml.sweep(BASE, params={"classes": [3, 40]}, workers=2, retries=1, out=tmp_path)
-    ok, failed = res.rows
-    assert ok["params"] == {"data.classes": 3} and ok["status"] == "ok" and ok["mean"] > 0.5
-    assert (
-        failed["params"] == {"data.classes": 40} and failed["status"] == "failed" and failed["mean"] is None
-    )
+    res = hpcml.sweep(BASE, params={"classes": [3, 4, 40]}, workers=2, retries=1, out=tmp_path)
+    *ok, failed = res.rows
+    assert sorted(r["params"]["data.classes"] for r in ok) == [3, 4]
+    assert all(r["status"] == "ok" and r["mean"] > 0.3 for r in ok)
+    assert [r["rank"] for r in ok] == [1, 2] and res.best == ok[0]  # ranked among the successful rows
+    assert failed["params"] == {"data.classes": 40} and failed["status"] == "failed"
+    assert failed["mean"] is None and failed["rank"] is None
     assert "too many" in failed["error"]
     jobs = {
         tuple(j["params"].values())[0]: j
         for j in json.loads((tmp_path / "sweep.json").read_text())["job_list"]
     }
     assert jobs[3]["attempts"] == 2 and "killed by SIGKILL" in jobs[3]["errors"][0]
-    assert jobs[40]["attempts"] == 2 and jobs[40]["status"] == "failed" and len(jobs[40]["errors"]) == 2
+    assert jobs[40]["attempts"] == 1 and jobs[40]["status"] == "failed" and len(jobs[40]["errors"]) == 1
+    assert jobs[40]["usage_error"] is True and jobs[3]["usage_error"] is False
     assert [f["params"] for f in res.failed] == [{"data.classes": 40}]
-    assert (tmp_path / "runs" / ok["jobs"][0] / "report.json").exists()
-    assert "too many" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "runs" / ok[0]["jobs"][0] / "report.json").exists()
+    csv = (tmp_path / "results.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in csv[1:]] == ["1", "2", ""]  # the failed row has no rank
+    md = (tmp_path / "results.md").read_text()
+    assert "- data.classes=40: data.classes=40 is too many" in md and "rank None" not in md
+
+
+def test_runner_retries_a_failure_but_not_a_usage_error(tmp_path):
+    """The decision is made in the worker process and carried back in the Outcome."""
+    bad = build_config({**BASE, "data": {**BASE["data"], "classes": 40}}).model_dump(mode="json")
+    good = build_config(BASE).model_dump(mode="json")
+    tasks = [
+        Task(name, "hpcml.parallel.sweep:run_job", {"config": cfg, "out": str(tmp_path / name), "hook": hook})
+        for name, cfg, hook in [("usage", bad, None), ("flaky", good, "fail-always")]
+    ]
+    with Runner(workers=1) as runner:
+        outcomes = runner.run(tasks, retries=2)
+    usage, flaky = outcomes["usage"], outcomes["flaky"]
+    assert not usage.ok and usage.attempts == 1 and usage.usage_error and "too many" in usage.error
+    assert not flaky.ok and flaky.attempts == 3 and not flaky.usage_error
+    assert "injected failure" in flaky.error
 
 
 def test_bad_parameters_are_named(tmp_path):

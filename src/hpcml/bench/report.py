@@ -139,20 +139,23 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def console_table(result: dict[str, Any], console) -> None:
+    # Cells as Text, not strings: rich would read "pip install 'hpcml[compare]'" as markup and drop
+    # "[compare]".
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=f"hpcml bench ({result['suite']}): {environment_line(result['environment'])}")
+    t = Table(title=Text(f"hpcml bench ({result['suite']}): {environment_line(result['environment'])}"))
     for h in HEADER:
         t.add_column(h, justify="left" if h in ("case", "contender", "note") else "right")
     for case in result["cases"].values():
         for row in case_rows(case):
-            t.add_row(*row)
+            t.add_row(*map(Text, row))
     console.print(t)
     g = Table(title="goals (ratios from this run)")
     for h in ("goal", "ratio", "target", "status", "note"):
         g.add_column(h, justify="right" if h in ("ratio", "target") else "left")
     for row in goal_rows(result):
-        g.add_row(*row)
+        g.add_row(*map(Text, row))
     console.print(g)
 
 

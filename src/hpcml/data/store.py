@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,7 +74,7 @@ def pack(
     The source is streamed: memory use is one batch plus one open shard writer, whatever its size.
     `progress(rows_so_far)` is called after every batch.
     """
-    from hpcml._files import fsync_dir
+    from hpcml._files import fsync_dir, make_temp_dir
 
     if compression not in COMPRESSIONS:
         raise UsageError(f"compression={compression!r}; valid: {', '.join(COMPRESSIONS)}")
@@ -83,7 +82,7 @@ def pack(
         raise UsageError(f"shard_rows must be at least 1, got {shard_rows}")
     out = _local_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         with open_table(
             src, target=target, features=features, batch_rows=min(shard_rows, BATCH_ROWS),

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +145,9 @@ def save_model(out: str | Path, module: nn.Module, meta: dict[str, Any], *, key:
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    from hpcml._files import make_temp_dir  # mode from the umask, as a plain mkdir would give
+
+    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
         weights = tmp / "model.safetensors"

@@ -13,6 +13,8 @@ import socket
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hpcml.config import TrainConfig, dump_config
@@ -52,6 +54,68 @@ def _failure_message(err) -> str:
     return f"rank {rank} failed: {msg}{others}"
 
 
+def check_nproc(nproc: int, *, device: str, cores: int, gpus: int) -> None:
+    """Refuse more ranks on this node than it has CPU cores (CPU) or GPUs (CUDA), before anything starts.
+
+    Every rank is a process of its own: on the CPU, ranks beyond the cores only take turns on them (and
+    `--nproc 1000` starts a thousand interpreters); on CUDA every rank needs a GPU of its own (NCCL
+    refuses two ranks on one). `cores` is what this process may run on (its affinity), `gpus` the
+    CUDA devices visible (0 without CUDA); `device` is the config's (auto, cpu, cuda, cuda:N).
+    """
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cpu":
+        if nproc > cores:
+            raise UsageError(
+                f"--nproc {nproc} is more than the {cores} CPU core(s) this process may use; each rank is "
+                f"a process with at least one core: use --nproc {cores} or fewer"
+            )
+        return
+    if gpus == 0:
+        raise UsageError(f"device={device!r} but no CUDA device is available")
+    if device != "cuda" and nproc > 1:
+        raise UsageError(
+            f"device={device!r} would put all {nproc} ranks on one GPU; use device=cuda (one GPU per rank)"
+        )
+    if nproc > gpus:
+        raise UsageError(
+            f"--nproc {nproc} is more than the {gpus} GPU(s) found; one rank per GPU: "
+            f"use --nproc {gpus} or fewer"
+        )
+
+
+def _check_hardware(nproc: int, device: str) -> None:
+    import torch
+
+    from hpcml.parallel.tasks import cores
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check_nproc(nproc, device=device, cores=cores(), gpus=gpus)
+
+
+# Loggers the elastic launcher writes through (their children too: some set their own level).
+_ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+
+
+@contextmanager
+def _elastic_log_level(level: int) -> Iterator[None]:
+    """The elastic agent logs every start at INFO (log dirs, signal handlers, stores): hpcml reports
+    the outcome itself. Set its loggers to `level` for the launch and put them back after."""
+    names = [
+        n for n in [*_ELASTIC_LOGGERS, *logging.Logger.manager.loggerDict]
+        if any(n == p or n.startswith(p + ".") for p in _ELASTIC_LOGGERS)
+    ]  # fmt: skip
+    loggers = [logging.getLogger(n) for n in dict.fromkeys(names)]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, saved, strict=True):
+            lg.setLevel(old)
+
+
 def launch(
     cfg: TrainConfig,
     *,
@@ -65,6 +129,7 @@ def launch(
     resume: bool = False,
 ) -> bool:
     """Run `cfg` on nproc ranks on this node (and nnodes nodes in all). True where the run dir was written."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -75,13 +140,15 @@ def launch(
         )
     if nnodes > 1 and rdzv_endpoint is None:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address, reachable by all)")
+    _check_hardware(nproc, cfg.device)
     if rdzv_endpoint is None:
         host, port = "127.0.0.1", free_port()
     else:
         host, port = _parse_endpoint(rdzv_endpoint)
-    # The elastic agent logs every start and failure at INFO/WARNING; hpcml reports the outcome itself.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL if quiet else logging.INFO)
-    with tempfile.TemporaryDirectory(prefix="hpcml-launch-") as tmp:
+    level = logging.CRITICAL if quiet else logging.WARNING
+    # The agent's log dir (error files, redirected output) lives in the launch's temp dir, removed at the
+    # end; by default torch makes a /tmp/torchelastic_* per run and leaves it behind.
+    with tempfile.TemporaryDirectory(prefix="hpcml-launch-") as tmp, _elastic_log_level(level):
         cfg_path = Path(tmp) / "config.yaml"
         cfg_path.write_text(dump_config(cfg))
         lc = LaunchConfig(
@@ -97,6 +164,7 @@ def launch(
             max_restarts=max_restarts,
             monitor_interval=0.2,
             start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=str(Path(tmp) / "elastic")),
         )
         args = [
             "-m", "hpcml.parallel.worker", str(cfg_path), str(out), "--quiet" if quiet else "--progress",

@@ -253,7 +253,8 @@ def sweep(
     `config` is the base (TrainConfig, dict, or YAML path); `params` maps names to values, e.g.
     `{"lr": [1e-3, 1e-2], "batch_size": [64, 128]}`, or is a list of 'name=v1,v2' strings. Jobs run on
     `workers` processes (default: one per core) of `backend` ('local' or 'ray' at `address`); a failed
-    job is retried `retries` times, then recorded with its error while the others go on. Rerunning with
+    job is retried `retries` times (one failing on invalid input, a UsageError, is not: it would fail
+    the same way), then recorded with its error while the others go on. Rerunning with
     the same `out` skips finished jobs. `metric` is a report.json key; losses and times sort ascending.
     """
     t0 = time.perf_counter()
@@ -297,7 +298,7 @@ def sweep(
         for j in jobs:
             o = outcomes.get(j["id"])
             if o is not None:
-                j.update(ran=True, attempts=o.attempts, errors=o.errors)
+                j.update(ran=True, attempts=o.attempts, errors=o.errors, usage_error=o.usage_error)
                 if o.ok:
                     j.update(report=o.value, status="done")
                 else:
@@ -403,7 +404,7 @@ def _job_doc(j: dict) -> dict[str, Any]:
     return {
         "id": j["id"], "params": j["params"], "fold": j["fold"], "status": j["status"],
         "attempts": j["attempts"], "error": j["error"], "errors": j.get("errors", []),
-        "ran": j["ran"], "run_dir": str(j["dir"]),
+        "usage_error": j.get("usage_error", False), "ran": j["ran"], "run_dir": str(j["dir"]),
     }  # fmt: skip
 
 

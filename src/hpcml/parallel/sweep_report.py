@@ -34,7 +34,7 @@ def build_rows(jobs: list[dict], params: list[str], *, metric: str, folds: int |
     """Group jobs by config, average the metric over its finished folds, sort best first.
 
     A config with a failed fold is 'partial' and ranks after every complete one; one with no
-    finished fold is 'failed' and comes last.
+    finished fold is 'failed', comes last and has no rank (None): it has no score to rank by.
     """
     groups: dict[int, list[dict]] = defaultdict(list)
     for j in jobs:
@@ -61,7 +61,7 @@ def build_rows(jobs: list[dict], params: list[str], *, metric: str, folds: int |
     sign = -1.0 if direction(metric) == "max" else 1.0
     rows.sort(key=lambda r: (_STATUS_ORDER[r["status"]], sign * r["mean"] if r["mean"] is not None else 0))
     for i, r in enumerate(rows):
-        r["rank"] = i + 1
+        r["rank"] = i + 1 if r["status"] != "failed" else None
     return rows
 
 
@@ -85,7 +85,7 @@ def to_csv(rows: list[dict], params: list[str], metric: str) -> str:
     w.writerow(_header(params, metric))
     for r in rows:
         w.writerow([
-            r["rank"], *(r["params"][p] for p in params),
+            fmt(r["rank"]), *(r["params"][p] for p in params),
             "" if r["mean"] is None else repr(r["mean"]), "" if r["std"] is None else repr(r["std"]),
             f"{r['n']}/{r['of']}", r["status"],
             "" if r["train_seconds"] is None else f"{r['train_seconds']:.3f}",
@@ -96,7 +96,7 @@ def to_csv(rows: list[dict], params: list[str], metric: str) -> str:
 
 def _cells(r: dict, params: list[str]) -> list[str]:
     score = fmt(r["mean"]) + (f" ± {fmt(r['std'])}" if r["std"] is not None else "")
-    return [str(r["rank"]), *(str(r["params"][p]) for p in params), score, f"{r['n']}/{r['of']}",
+    return [fmt(r["rank"]), *(str(r["params"][p]) for p in params), score, f"{r['n']}/{r['of']}",
             r["status"], fmt(r["train_seconds"])]  # fmt: skip
 
 
@@ -107,7 +107,7 @@ def to_markdown(rows: list[dict], params: list[str], metric: str) -> str:
     failed = [r for r in rows if r["error"]]
     if failed:
         lines += ["", "Errors:", ""]
-        lines += [f"- rank {r['rank']} ({_params_text(r)}): {r['error'].splitlines()[0]}" for r in failed]
+        lines += [f"- {_row_name(r)}: {r['error'].splitlines()[0]}" for r in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -115,15 +115,20 @@ def _params_text(r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "base config"
 
 
+def _row_name(r: dict) -> str:
+    return f"rank {r['rank']} ({_params_text(r)})" if r["rank"] is not None else _params_text(r)
+
+
 def rich_table(rows: list[dict], params: list[str], metric: str, *, title: str):
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=title, title_justify="left")
+    t = Table(title=Text(title), title_justify="left")  # Text: a value like "[x]" is not markup
     for h in ["rank", *params, f"{metric} (mean ± std)", "runs", "status", "train s"]:
         t.add_column(h, justify="left" if h in params or h == "status" else "right")
     for r in rows:
         style = None if r["status"] == "ok" else ("yellow" if r["status"] == "partial" else "red")
-        t.add_row(*_cells(r, params), style=style)
+        t.add_row(*map(Text, _cells(r, params)), style=style)
     return t
 
 

@@ -53,6 +53,9 @@ class Outcome:
     attempts: int = 0
     seconds: float = 0.0  # all attempts, wall
     errors: list[str] = field(default_factory=list)  # one per failed attempt
+    # The last error was invalid input (a UsageError): the same job fails the same way, so it is not
+    # retried.
+    usage_error: bool = False
 
 
 Event = Callable[[dict[str, Any]], None]
@@ -87,14 +90,26 @@ def _limit_threads(threads: int) -> None:
 
 
 def _call(fn: str, kwargs: dict[str, Any], threads: int, attempt: int) -> tuple[str, Any]:
-    """Run one attempt in the worker; every error becomes ('error', message), never a traceback."""
+    """Run one attempt in the worker; every error becomes ('error', message), never a traceback, or
+    ('usage', message) for invalid input, which fails the same way on every attempt."""
     try:
         _limit_threads(threads)
         module, _, name = fn.partition(":")
         func = getattr(importlib.import_module(module), name)
         return "ok", func(**kwargs, threads=threads, attempt=attempt)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides on a retry
-        return "error", error_message(exc)
+        return ("usage" if _is_usage_error(exc) else "error"), error_message(exc)
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """A deterministic input error: hpcml's UsageError, or a config that fails pydantic's validation."""
+    if isinstance(exc, UsageError):
+        return True
+    try:
+        from pydantic import ValidationError
+    except ImportError:
+        return False
+    return isinstance(exc, ValidationError)
 
 
 def _ray_call(fn: str, threads: int, attempt: int, **kwargs: Any) -> tuple[str, Any]:
@@ -210,7 +225,10 @@ class Runner:
     def run(
         self, tasks: list[Task], *, retries: int = 0, on_event: Event | None = None
     ) -> dict[str, Outcome]:
-        """Run every task, each retried up to `retries` times after a failure; {task id: Outcome}."""
+        """Run every task, each retried up to `retries` times after a failure; {task id: Outcome}.
+
+        A UsageError (invalid input, e.g. a config value the model cannot take) is not retried: it
+        would fail the same way again. Its Outcome says so (`usage_error`)."""
         if retries < 0:
             raise UsageError(f"retries must be >= 0, got {retries}")
         if len({t.id for t in tasks}) != len(tasks):
@@ -335,11 +353,11 @@ class _Book:
             self.on_event({**event, "event": "done", "value": payload, "done": len(self.outcomes)})
             return
         self._errors[task.id].append(payload)
-        if attempt < self.retries:
+        if attempt < self.retries and status != "usage":
             self.queue.append((task, attempt + 1))  # to the back: a crash from memory pressure may pass
             self.on_event({**event, "event": "retry", "error": payload, "done": len(self.outcomes)})
             return
         self.outcomes[task.id] = Outcome(
-            task.id, False, None, payload, attempt + 1, seconds, self._errors[task.id]
+            task.id, False, None, payload, attempt + 1, seconds, self._errors[task.id], status == "usage"
         )
         self.on_event({**event, "event": "failed", "error": payload, "done": len(self.outcomes)})

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 import warnings
@@ -47,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpcml._files import make_temp_dir
 from hpcml._version import __version__
 from hpcml.errors import HpcmlError, UsageError
 from hpcml.models.io import fsync_dir, refuse_pickle
@@ -195,7 +195,7 @@ def save_checkpoint(
     try:
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        tmp = make_temp_dir(root, f".{final.name}.tmp-")
         files = {
             name: _write_file(tmp / name, make(), key=key, aad=f"{final.name}/{name}") for name, make in parts
         }
