@@ -402,7 +402,15 @@ def _main(argv: list[str] | None) -> int:
         return rv if isinstance(rv, int) else 0
     except typer.Exit as e:
         return e.exit_code
-    except typer.Abort:
+    except typer.Abort as e:
+        # Click turns an EOFError escaping a command into Abort (`raise Abort() from e`); hpcml asks
+        # no questions, so that is not Ctrl-D at a prompt but a failed read (a cut file): an error.
+        cause = e.__cause__
+        if isinstance(cause, EOFError):
+            if _STATE["debug"]:
+                raise cause from None
+            typer.echo(f"hpcml: error: unexpected end of input: {cause} (re-run with --debug)", err=True)
+            return 1
         typer.echo("aborted", err=True)
         return 130
     except typer.TyperException as e:  # bad flag, missing argument, wrong type: exit 2

@@ -100,10 +100,7 @@ def table_to_arrays(
         x, y = x[keep], y[keep]
     report["rows_dropped"] = n0 - len(x)
     if len(x) == 0:
-        raise UsageError(
-            f"{name}: no rows left after cleaning ({report['rows_nonfinite']} rows with "
-            f"missing/non-finite features, {report['rows_missing_label']} without a label)"
-        )
+        raise UsageError(_no_rows_left(name, report, features, bad[y_ok] if y_ok.any() else None))
     const = np.ptp(x, axis=0) == 0
     report.update(
         rows=len(x),
@@ -122,6 +119,22 @@ def table_to_arrays(
     if with_kept:
         report["kept"] = keep
     return np.ascontiguousarray(x), y, classes, report
+
+
+def _no_rows_left(name: str, report: dict, features: list[str], bad: np.ndarray | None) -> str:
+    """Why cleaning dropped every row; an all-missing column (the usual cause) is named."""
+    empty = [] if bad is None else [features[j] for j in np.flatnonzero(bad.all(axis=0))]
+    if empty:
+        cols = ", ".join(map(repr, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        return (
+            f"{name}: column(s) {cols} hold no values (every row is empty, NaN or Inf), so dropping "
+            "rows with missing values leaves none; leave the column(s) out (features=, --features) "
+            "or fill them in"
+        )
+    return (
+        f"{name}: no rows left after cleaning ({report['rows_nonfinite']} rows with missing/non-finite "
+        f"features, {report['rows_missing_label']} without a label)"
+    )
 
 
 def label_classes(

@@ -15,7 +15,9 @@ store; NumPy files are loaded whole. Cleaning and label rules live in clean.py.
 
 from __future__ import annotations
 
+import lzma
 import re
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from hpcml.data.clean import MISSING, check_features, numeric, table_to_arrays, target_hint
-from hpcml.errors import UsageError
+from hpcml.errors import HpcmlError, UsageError
 
 __all__ = [
     "FORMATS",
@@ -41,6 +43,8 @@ __all__ = [
     "source_format",
     "open_table",
     "read_table",
+    "DECOMPRESS_ERRORS",
+    "corrupt_file",
 ]
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npz": "npz", ".npy": "npy"}
@@ -50,6 +54,10 @@ _CSV_CONVERT = re.compile(
     r"In CSV column #(\d+): (?:Row #(\d+): )?CSV conversion error to \w+: invalid value '(.*)'"
 )
 _CSV_PARSE = re.compile(r"CSV parse error: (?:Row #(\d+): )?(.*)", re.S)
+# What reading a truncated or corrupt .gz/.bz2/.xz raises, through Arrow or not: gzip raises EOFError
+# at a cut, BadGzipFile (an OSError) or zlib.error on bad bytes; bz2 OSError/EOFError; xz LZMAError.
+# Click would turn a bare EOFError into "aborted" (exit 130), so these must never reach the CLI raw.
+DECOMPRESS_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
 @dataclass
@@ -131,8 +139,15 @@ def open_table(
     local = isinstance(fs, LocalFileSystem) and compression is None and fmt in ("csv", "parquet")
     # Arrow reads a local path natively with its own read-ahead: ~1.5x faster than a Python file object
     with nullcontext(path) if local else fs.open(path, "rb", compression=compression) as f:
-        src = opener(f, fs, path, name, fmt, target, features, batch_rows)
+        try:  # the opener reads the header (CSV: the first block), so a bad stream can fail here
+            src = opener(f, fs, path, name, fmt, target, features, batch_rows)
+        except DECOMPRESS_ERRORS as err:
+            if compression is None:
+                raise
+            raise corrupt_file(name, err, compression) from None
         src.bytes, src.url = size, fs.unstrip_protocol(path)
+        if compression is not None:
+            src.batches = _decompressed(src.batches, name, compression)
         yield src
 
 
@@ -178,6 +193,25 @@ def _open_folder(fs, path, name, target, features, batch_rows, image_size, image
     )  # fmt: skip
     src.extra, src.url = extra, fs.unstrip_protocol(path)
     return src
+
+
+def corrupt_file(name: str, err: BaseException, compression: str | None) -> HpcmlError:
+    """The error for a compressed file that cannot be decompressed to its end: names the file."""
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    tool = {"gzip": "gzip", "bz2": "bzip2", "xz": "xz"}.get(compression or "")
+    check = f" (`{tool} -t FILE` tests it)" if tool else ""
+    return HpcmlError(
+        f"{name}: truncated or corrupt {compression or 'compressed'} file ({msg}); copy or compress it "
+        f"again{check}"
+    )
+
+
+def _decompressed(batches: Iterator[pa.RecordBatch], name: str, compression: str) -> Iterator[pa.RecordBatch]:
+    """Batches of a compressed CSV, with a cut or corrupt stream (found mid-file) named."""
+    try:
+        yield from batches
+    except DECOMPRESS_ERRORS as err:
+        raise corrupt_file(name, err, compression) from None
 
 
 def _named(batches: Iterator[pa.RecordBatch], name: str) -> Iterator[pa.RecordBatch]:

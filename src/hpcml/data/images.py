@@ -26,6 +26,7 @@ larger than memory works.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +41,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 MODES = ("auto", "L", "RGB")
 LABEL = "label"
 _GRAY = {"1", "L", "LA", "I", "I;16", "F"}
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")  # e.g. <...LocalFileOpener object at 0x7f..>
 _BATCH_BYTES = 32 << 20  # cap on one decoded batch: 65,536 rows of 224x224 RGB would be 39 GB
 
 
@@ -209,6 +211,9 @@ def _pixels(img: Any, shown: str, mode: str, size, Image) -> np.ndarray:
 
 def _bad(shown: str, err: Exception) -> UsageError:
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if msg.startswith("cannot identify image file"):  # Pillow names the file by its object's repr
+        msg = "unknown format or corrupt header"
+    msg = _OBJECT_REPR.sub(shown, msg)
     return UsageError(f"{shown}: not a readable PNG/JPEG image ({msg})")
 
 

@@ -167,7 +167,15 @@ def read_manifest(store: str | Path) -> dict[str, Any]:
     fs, root, name = _fs(store)
     try:
         raw = fs.cat_file(f"{root}/{MANIFEST}")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        if fs.isfile(root):  # e.g. `hpcml data info train.csv`
+            raise UsageError(
+                f"{name}: is a file, not an hpcml store; `hpcml data info` and `data verify` take a "
+                f"store folder made by `hpcml data pack` (e.g. `hpcml data pack {name} --out "
+                "stores/NAME --target COLUMN`)"
+            ) from None
+        if not fs.exists(root):
+            raise UsageError(f"{name}: not found (expected an hpcml store folder)") from None
         raise UsageError(
             f"{name}: not an hpcml store (no {MANIFEST}); create one with `hpcml data pack`"
         ) from None

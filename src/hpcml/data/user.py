@@ -7,13 +7,19 @@ which training writes to report.json's `data` section and prints: cleaning is ne
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from hpcml.config import DataConfig
 from hpcml.data.sources import Dataset
 from hpcml.errors import UsageError
 
-__all__ = ["load_user_dataset", "read_user_table"]
+__all__ = ["DataWarning", "load_user_dataset", "read_user_table"]
+
+
+class DataWarning(UserWarning):
+    """Data that trains but not as the user likely meant (e.g. a class with no training rows)."""
 
 
 def read_user_table(cfg: DataConfig, path: str) -> tuple[np.ndarray, np.ndarray, list[str] | None, dict]:
@@ -63,12 +69,57 @@ def _dedupe_and_constants(cfg: DataConfig, x: np.ndarray, y: np.ndarray, report:
     return x, y
 
 
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def _one_class(y: np.ndarray, classes: list[str], report: dict, name: str) -> None:
+    """Refuse a classification target with a single class: it would train to accuracy 1.0."""
+    present = np.unique(y)
+    if len(present) == 1:
+        raise UsageError(
+            f"{name}: target column {report.get('target')!r} has only one class "
+            f"({classes[int(present[0])]!r}) in its {_rows(len(y))} after cleaning; a classifier "
+            "needs at least 2 classes to learn anything. Is it the right target column?"
+        )
+
+
+def _unseen_classes(y: np.ndarray, y_train: np.ndarray, classes: list[str], report: dict, name: str):
+    """Warn about classes in the data with no row in the training split: the model cannot learn them."""
+    counts = np.bincount(y, minlength=len(classes))
+    gone = np.flatnonzero((counts > 0) & (np.bincount(y_train, minlength=len(classes)) == 0))
+    if not len(gone):
+        return
+    report["classes_missing_from_train"] = [classes[i] for i in gone]
+    shown = ", ".join(f"{classes[i]!r} ({_rows(int(counts[i]))})" for i in gone[:10])
+    warnings.warn(
+        f"{name}: class(es) {shown}{', ...' if len(gone) > 10 else ''} of target "
+        f"{report.get('target')!r} have no rows in the training split (they all went to test or "
+        "validation), so the model can never predict them; add rows of them or remove them",
+        DataWarning,
+        stacklevel=3,
+    )
+
+
 def _split(x, y, *, n_b: int, seed: int, stratify: bool, what: str, name: str):
-    """(x_a, y_a, x_b, y_b) with `n_b` of the rows in b: seeded, stratified when every class
-    has at least 2 rows (else plain shuffled, and the report says so)."""
-    n = len(x)
-    if n_b < 1 or n - n_b < 1:
-        raise UsageError(f"{name}: {n} rows are too few for a {what} split of {n_b} rows")
+    """(x_a, y_a, x_b, y_b) with `n_b` of the rows in b (at least 1 on each side): seeded, stratified
+    when every class has at least 2 rows (else plain shuffled, and the report says so)."""
+    n, test = len(x), what == "test"
+    if n < 2:
+        have = f"{_rows(n)} {'after cleaning' if test else 'left after the test split'}"
+        need = "2 rows (1 to train on, 1 to test)" if test else "3 rows in all (train, validation, test)"
+        fix = "pass test_data (--test-data)" if test else "set val_fraction to 0"
+        raise UsageError(
+            f"{name}: {have} {'is' if n == 1 else 'are'} too few for a {what} split: it needs at least "
+            f"{need}; add rows or {fix}"
+        )
+    n_b = max(n_b, 1)  # the fraction of a tiny table rounds to 0 rows: still hold out one
+    if n_b >= n:
+        raise UsageError(
+            f"{name}: a {what} split of {_rows(n_b)} leaves none of the {_rows(n)} "
+            f"{'' if test else 'left after the test split '}to train on; lower "
+            f"{'test_fraction' if test else 'test_fraction + val_fraction'}"
+        )
     from sklearn.model_selection import train_test_split
 
     strat = y if stratify and np.bincount(y).min(initial=2) >= 2 and n_b >= len(np.unique(y)) else None
@@ -92,6 +143,11 @@ def _streamed(cfg: DataConfig, path: str) -> Dataset | None:
     target = cfg.target or m["target"]
     if m.get("classes") is None or cfg.task == "regression":
         raise UsageError(f"{name}: streaming supports classification stores for now; raise --memory-budget")
+    if len(m["classes"]) == 1 and target == m["target"]:
+        raise UsageError(
+            f"{name}: target column {target!r} has only one class ({m['classes'][0]!r}); a classifier "
+            "needs at least 2 classes to learn anything. Is it the right target column?"
+        )
     if cfg.val_fraction or cfg.test_data or cfg.drop_duplicates or cfg.drop_constant or cfg.folds:
         raise UsageError(
             f"{name}: val_fraction, test_data, drop_duplicates, drop_constant and folds need the data in "
@@ -146,6 +202,8 @@ def load_user_dataset(cfg: DataConfig) -> Dataset:
     x, y = _dedupe_and_constants(cfg, x, y, report)
     classify = classes is not None
     name = redact_url(path)
+    if classify:
+        _one_class(y, classes, report, name)
     if cfg.test_data:
         x_tr, y_tr = x, y
         x_te, y_te, te_classes, te_report = read_user_table(
@@ -184,6 +242,8 @@ def load_user_dataset(cfg: DataConfig) -> Dataset:
             x_tr, y_tr, n_b=round(len(x) * cfg.val_fraction), seed=cfg.data_seed + 1, stratify=classify,
             what="validation", name=name,
         )  # fmt: skip
+    if classify:
+        _unseen_classes(y, y_tr, classes, report, name)
     report.update(
         split={
             "train": len(x_tr), "val": 0 if x_val is None else len(x_val), "test": len(x_te),

@@ -194,14 +194,19 @@ def _from_table(path: str, name: str, fmt: str, fs: Any, fpath: str, model: Any)
     import pyarrow.parquet as pq
 
     from hpcml.data.clean import numeric
-    from hpcml.data.files import open_table
+    from hpcml.data.files import DECOMPRESS_ERRORS, corrupt_file, open_table, source_format
 
     # Only the header (CSV: types inferred from the first block) to pick the columns; open_table then
     # streams exactly those, converted to float64 with errors that name the row.
-    with fs.open(fpath, "rb", compression="infer") as f:
+    compression = source_format(fpath, name)[1]
+    with fs.open(fpath, "rb", compression=compression) as f:
         try:
             schema = pq.read_schema(f) if fmt == "parquet" else pacsv.open_csv(f).schema
-        except (pa.ArrowException, OSError) as err:
+        except pa.ArrowException as err:
+            raise UsageError(f"{name}: not a readable {fmt} file ({str(err).splitlines()[0]})") from None
+        except DECOMPRESS_ERRORS as err:  # a cut .csv.gz: EOFError, which the CLI must not see raw
+            if compression is not None:
+                raise corrupt_file(name, err, compression) from None
             raise UsageError(f"{name}: not a readable {fmt} file ({str(err).splitlines()[0]})") from None
     feats = _choose([(fld.name, numeric(fld.type)) for fld in schema], model, name)
     with open_table(path, target=None, features=feats) as src:
