@@ -28,7 +28,7 @@ from hpcml.errors import UsageError
 
 __all__ = ["bench", "doctor", "CASES", "SUITE_NAMES"]
 
-CASES = ("time-to-accuracy", "throughput", "mfu", "scaling", "predict", "breakdown")
+CASES = ("time-to-accuracy", "throughput", "mfu", "scaling", "predict", "breakdown", "precision")
 SUITE_NAMES = ("quick", "full")
 
 
@@ -95,6 +95,7 @@ def bench(
     from hpcml.bench import cases as c1
     from hpcml.bench import cases_parallel as c2
     from hpcml.bench.breakdown import breakdown_case
+    from hpcml.bench.cases_precision import precision_case
     from hpcml.training.precision import available_cores
 
     if suite not in c1.SUITES:
@@ -120,6 +121,7 @@ def bench(
         "scaling": c2.scaling,
         "predict": c2.predict_scaling,
         "breakdown": breakdown_case,
+        "precision": precision_case,
     }
     env = environment(threads, device)
     t0 = time.perf_counter()

@@ -61,6 +61,11 @@ def case_rows(case: dict[str, Any]) -> list[list[str]]:
             point = next((p for p in case["curve"] if _label(p) == contender), None)
             if point is not None and point["efficiency"] is not None:
                 note = f"efficiency {point['efficiency']:.0%}"
+        if name == "precision":
+            acc = c["test_accuracy"]["median"]
+            note = f"test acc {acc:.4f}"
+            if c.get("speedup_vs_fp32") is not None:
+                note += f"; {c['speedup_vs_fp32']:.2f}x fp32's speed"
         if name == "mfu" and contender == "hpcml":
             note = f"MFU {case['mfu_measured_peak']:.0%} of measured peak"
             if case.get("mfu_datasheet") is not None:
