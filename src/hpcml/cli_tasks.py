@@ -131,7 +131,7 @@ def predict(
         Path, typer.Argument(metavar="MODEL_DIR", help="A model dir (model.safetensors + model.json).")
     ],
     input: Annotated[str, typer.Option("--input", help="CSV, Parquet, .npy, .npz or store; path or URL.")],
-    output: Annotated[Path, typer.Option("--output", help="Predictions file: .parquet or .csv.")],
+    output: Annotated[str, typer.Option("--output", help="Predictions file: .parquet or .csv.")],
     workers: Annotated[int, typer.Option(help="Processes, one shard of the input each.")] = 1,
     backend: Annotated[str, _BACKEND] = "local",
     address: Annotated[str | None, _ADDRESS] = None,

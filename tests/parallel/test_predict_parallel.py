@@ -166,3 +166,19 @@ def test_regression_model_writes_values(model_dir, x, tmp_path):
     assert pa.types.is_floating(col.type) and np.array_equal(col.to_numpy(), expect)
     with pytest.raises(UsageError, match="probabilities are for classification models"):
         predict_parallel(reg, x[:100], probabilities=True)
+
+
+def test_output_that_would_overwrite_the_input_is_refused(model_dir, x, tmp_path, cli):
+    src = tmp_path / "in.parquet"
+    pq.write_table(_table(x), src)
+    before = src.read_bytes()
+    for output in (src, tmp_path / "." / "in.parquet", f"file://{src}"):
+        r = cli("predict", str(model_dir), "--input", str(src), "--output", str(output))
+        assert r.returncode == 2 and "would overwrite the input" in r.stderr, r.stderr
+    from hpcml.data import store as stores
+
+    store = tmp_path / "store"
+    stores.pack(str(src), out=store, target="id")
+    with pytest.raises(UsageError, match="would overwrite the input"):
+        hpcml.predict(model_dir, str(store), output=store / "manifest.parquet")
+    assert src.read_bytes() == before and stores.verify(store)["ok"]

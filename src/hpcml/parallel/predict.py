@@ -55,6 +55,8 @@ def predict_parallel(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     out_fmt = _output_format(output) if output is not None else None
+    if output is not None:
+        _refuse_overwriting_input(output, data)
     runner = Runner(workers=workers, backend=backend, address=address)  # validates the options
     if isinstance(model_dir, Model):
         if workers > 1 or backend != "local":
@@ -269,6 +271,26 @@ def _output_format(output: str | Path) -> str:
     if suffix not in OUTPUT_FORMATS:
         raise UsageError(f"{text}: unknown output type {suffix or '(none)'}; use {', '.join(OUTPUT_FORMATS)}")
     return OUTPUT_FORMATS[suffix]
+
+
+def _local(path: Any) -> Path | None:
+    text = str(path)
+    if "://" in text and not text.startswith("file://"):
+        return None
+    return Path(text.removeprefix("file://")).resolve()
+
+
+def _refuse_overwriting_input(output: str | Path, data: Any) -> None:
+    """The output must not replace the input file, nor land inside an input store (its manifest)."""
+    if not isinstance(data, str | Path):
+        return
+    src, dst = _local(data), _local(output)
+    if src is None or dst is None:
+        return
+    if dst == src or (src.is_dir() and src in dst.parents):
+        raise UsageError(
+            f"--output {output} would overwrite the input {data}; write the predictions to another file"
+        )
 
 
 def write_output(
