@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,23 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    # HPCML_TEST_CPU_FLAGS=avx2 (or avx512_bf16): every process of the run sees that CPU, so one machine
+    # runs the suite on the other CPU's precision paths too (see cpu_override/sitecustomize.py).
+    if os.environ.get("HPCML_TEST_CPU_FLAGS"):
+        here = str(Path(__file__).parent / "cpu_override")
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+        runpy.run_path(f"{here}/sitecustomize.py")  # this process: patched as the subprocesses will be
+        import torch
+
+        from hpcml.training.precision import resolve_precision
+
+        print(
+            f"hpcml tests: CPU flags {os.environ['HPCML_TEST_CPU_FLAGS']!r}: precision auto = "
+            f"{resolve_precision('auto', torch.device('cpu'))[0]}"
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
