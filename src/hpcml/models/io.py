@@ -1,7 +1,10 @@
 """The model dir: `model.safetensors` + `model.json`. No pickle; only registry names are built.
 
 model.json holds the architecture name and kwargs, input shape, classes, preprocessing stats and the
-sha256 of the weights file, which is checked on every load.
+sha256 of the weights file, which is checked on every load. A model dir is untrusted input: load_model
+reads only regular files of bounded size, validates model.json as a schema (models/schema.py) and
+compares the weights' header with the architecture built on the meta device (models/weights.py)
+before it allocates the module.
 
 Encrypted model dirs (`key=`, or HPCML_KEY_FILE / HPCML_KEY at train time): model.safetensors is an
 AES-256-GCM blob (associated data `model/model.safetensors`), and model.json keeps only the format,
