@@ -44,3 +44,7 @@ def test_bad_model_inputs():
         create_model("cnn2d", input_shape=(40,), num_classes=2)
     with pytest.raises(UsageError, match="unexpected keyword argument 'widht'"):
         create_model("mlp", input_shape=(4,), num_classes=2, widht=3)
+    with pytest.raises(UsageError, match=r"model mlp: kwargs\.hidden must be a whole number, got 64\.0"):
+        create_model("mlp", input_shape=(4,), num_classes=2, hidden=64.0)
+    with pytest.raises(UsageError, match=r"model cnn1d: kwargs\.channels must be a whole number, got True"):
+        create_model("cnn1d", input_shape=(1, 40), num_classes=2, channels=True)

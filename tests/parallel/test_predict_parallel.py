@@ -154,18 +154,50 @@ def test_cli_predict(model_dir, x, tmp_path, cli):
     assert "unknown output type .json" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_regression_model_writes_values(model_dir, x, tmp_path):
-    reg = tmp_path / "reg"
-    shutil.copytree(model_dir, reg)
-    meta = json.loads((reg / "model.json").read_text())
-    (reg / "model.json").write_text(json.dumps({**meta, "task": "regression"}))
-    values = predict_parallel(reg, x[:100], output=tmp_path / "v.parquet")
-    expect = hpcml.load_model(model_dir).logits(x[:100])[:, 0].numpy()
-    np.testing.assert_array_equal(values, expect)
-    col = pq.read_table(tmp_path / "v.parquet").column("prediction")
-    assert pa.types.is_floating(col.type) and np.array_equal(col.to_numpy(), expect)
+@pytest.fixture(scope="module")
+def regression(tmp_path_factory):
+    """A really trained regression model: y = 10 x0 + 100 + noise, so standardized outputs (mean 0,
+    std 1) and values in the target's units (mean ~100, std ~10) are far apart."""
+    tmp = tmp_path_factory.mktemp("regression")
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1200, 3)).astype(np.float32)
+    y = 10.0 * x[:, 0] + 100.0 + rng.normal(scale=0.1, size=len(x))
+    pacsv.write_csv(pa.table({"f0": x[:, 0], "f1": x[:, 1], "f2": x[:, 2], "y": y}), tmp / "train.csv")
+    cfg = {
+        "data": {"name": str(tmp / "train.csv"), "target": "y"},
+        "model": {"name": "mlp", "kwargs": {"hidden": 32}},
+        "epochs": 12,
+        "batch_size": 64,
+        "threads": 1,
+        "precision": "fp32",
+    }
+    run = hpcml.train(cfg, out=tmp / "run")
+    assert run.report["task"] == "regression"
+    return run.dir / "model", x, y
+
+
+def test_regression_predictions_are_in_the_targets_units(regression, tmp_path, cli):
+    model_dir, x, y = regression
+    ref = hpcml.load_model(model_dir).predict(x)
+    # the reference itself is right: close to the true targets, in their units (not standardized)
+    assert abs(float(ref.mean()) - 100.0) < 2.0 and float(ref.std()) > 5.0
+    assert float(np.abs(ref - y).mean()) < 0.1 * float(y.std())
+
+    pq.write_table(_table(x[:, :3], extra=False), tmp_path / "in.parquet")
+    out = tmp_path / "preds.parquet"
+    r = cli("predict", str(model_dir), "--input", str(tmp_path / "in.parquet"), "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    col = pq.read_table(out).column("prediction")
+    assert pa.types.is_floating(col.type)
+    np.testing.assert_allclose(col.to_numpy(), ref, rtol=1e-5, atol=1e-4)
+
+    two = predict_parallel(model_dir, x, workers=2, batch_size=500, output=tmp_path / "w2.csv")
+    np.testing.assert_allclose(two, ref, rtol=1e-5, atol=1e-4)
+    csv = pacsv.read_csv(tmp_path / "w2.csv").column("prediction").to_numpy()
+    np.testing.assert_allclose(csv, ref, rtol=1e-5, atol=1e-4)
+    assert float(np.abs(two - y).mean()) < 0.1 * float(y.std())
     with pytest.raises(UsageError, match="probabilities are for classification models"):
-        predict_parallel(reg, x[:100], probabilities=True)
+        predict_parallel(model_dir, x[:100], probabilities=True)
 
 
 def test_output_that_would_overwrite_the_input_is_refused(model_dir, x, tmp_path, cli):

@@ -1,7 +1,10 @@
 """The model dir: `model.safetensors` + `model.json`. No pickle; only registry names are built.
 
 model.json holds the architecture name and kwargs, input shape, classes, preprocessing stats and the
-sha256 of the weights file, which is checked on every load.
+sha256 of the weights file, which is checked on every load. A model dir is untrusted input: load_model
+reads only regular files of bounded size, validates model.json as a schema (models/schema.py) and
+compares the weights' header with the architecture built on the meta device (models/weights.py)
+before it allocates the module.
 
 Encrypted model dirs (`key=`, or HPCML_KEY_FILE / HPCML_KEY at train time): model.safetensors is an
 AES-256-GCM blob (associated data `model/model.safetensors`), and model.json keeps only the format,
@@ -25,9 +28,10 @@ from torch import nn
 from hpcml._files import fsync_dir, sha256_file  # noqa: F401  (re-exported)
 from hpcml.data.preprocess import Normalizer
 from hpcml.errors import HpcmlError, UsageError
-from hpcml.models.registry import MODEL_NAMES, create_model
+from hpcml.models.registry import create_model
+from hpcml.models.schema import FORMAT, MAX_META_BYTES, validate_meta, validate_sealed
+from hpcml.models.weights import check_header, expected_state, read_regular, weights_limit
 
-FORMAT = "hpcml.model/1"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin")
 
 
@@ -84,7 +88,7 @@ class Model:
         predicted values (float32, in the target's units)."""
         out = self.logits(x, batch_size=batch_size)
         if self.task == "regression":
-            scale = self.meta.get("target_scale") or {"mean": 0.0, "std": 1.0}
+            scale = self.meta["target_scale"]  # the model outputs standardized targets
             return (out[:, 0].double() * scale["std"] + scale["mean"]).float().numpy()
         return out.argmax(1).numpy()
 
@@ -132,7 +136,10 @@ def _unseal(doc: dict[str, Any], meta_path: Path, key: bytes | None) -> tuple[di
     plain = decrypt_bytes(
         base64.b64decode(doc["sealed_meta"]), key, aad=b"model/model.json", name=str(meta_path)
     )
-    return {**json.loads(plain), "weights_sha256": doc["weights_sha256"]}, key
+    meta = json.loads(plain)
+    if not isinstance(meta, dict):
+        raise HpcmlError(f"{meta_path}: the sealed metadata is not a JSON object")
+    return {**meta, "weights_sha256": doc["weights_sha256"]}, key
 
 
 def save_model(out: str | Path, module: nn.Module, meta: dict[str, Any], *, key: bytes | None = None) -> Path:
@@ -184,7 +191,11 @@ def refuse_pickle(path: Path) -> None:
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", key: bytes | None = None) -> Model:
     """Load a model dir, verifying the weights' sha256 against model.json. An encrypted dir needs
-    `key` or HPCML_KEY_FILE / HPCML_KEY in the environment."""
+    `key` or HPCML_KEY_FILE / HPCML_KEY in the environment.
+
+    Nothing the dir declares is allocated before it is checked: model.json is read only if it is a
+    regular file of at most 4 MiB and validated as a schema (models/schema.py); the architecture is
+    built on the meta device and compared with the weights' header (models/weights.py)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -196,45 +207,43 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", key: byt
     for f in (meta_path, weights):
         if not f.exists():
             raise HpcmlError(f"{path}: incomplete model dir, {f.name} is missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise HpcmlError(f"{meta_path}: not valid JSON ({err})") from None
-    if isinstance(meta, dict) and "encryption" in meta:
-        meta, key = _unseal(meta, meta_path, key)
-    else:
-        key = None
-    for field in ("architecture", "kwargs", "input_shape", "classes", "preprocessing", "weights_sha256"):
-        if field not in meta:
-            raise HpcmlError(f"{meta_path}: missing field {field!r}")
-    if meta["architecture"] not in MODEL_NAMES:
-        raise HpcmlError(
-            f"{meta_path}: architecture {meta['architecture']!r} is not a registered hpcml model "
-            f"({', '.join(MODEL_NAMES)}); hpcml does not import code named in a model file"
-        )
-    blob = weights.read_bytes()
+    meta, key = _read_meta(meta_path, key)
+    spec = validate_meta(meta, meta_path)
+    expected = expected_state(spec, meta_path)
+    limit = weights_limit(expected, encrypted=key is not None)
+    blob = read_regular(weights, limit=limit, why="the size the architecture in model.json needs")
     digest = hashlib.sha256(blob).hexdigest()
-    if digest != meta["weights_sha256"]:
+    if digest != spec.weights_sha256:
         raise HpcmlError(
             f"{weights}: sha256 mismatch (file {digest[:12]}..., model.json says "
-            f"{meta['weights_sha256'][:12]}...): the weights are corrupt or were modified"
+            f"{spec.weights_sha256[:12]}...): the weights are corrupt or were modified"
         )
-    module = create_model(
-        meta["architecture"],
-        input_shape=tuple(meta["input_shape"]),
-        num_classes=meta["num_outputs"],
-        **meta["kwargs"],
-    )
     if key is not None:
         from hpcml.training.crypto import decrypt_bytes
 
         blob = decrypt_bytes(blob, key, aad=b"model/model.safetensors", name=str(weights))
+    check_header(blob, expected, weights)
     try:
         state = load(blob)
     except SafetensorError as err:
         raise HpcmlError(f"{weights}: unreadable safetensors file ({err})") from None
+    module = create_model(
+        spec.architecture, input_shape=tuple(spec.input_shape), num_classes=spec.num_outputs, **spec.kwargs
+    )
     try:
         module.load_state_dict(state)
     except RuntimeError as err:
-        raise HpcmlError(f"{weights}: weights do not fit {meta['architecture']}: {err}") from None
+        raise HpcmlError(f"{weights}: weights do not fit {spec.architecture}: {err}") from None
     return Model(module.to(device), meta)
+
+
+def _read_meta(meta_path: Path, key: bytes | None) -> tuple[dict[str, Any], bytes | None]:
+    """(model.json's fields, the key if the dir is encrypted else None), the file size-capped."""
+    raw = read_regular(meta_path, limit=MAX_META_BYTES, why="the most a model.json may have")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as err:  # RecursionError: [[[[...]]]] nested too deep
+        raise HpcmlError(f"{meta_path}: not valid JSON ({str(err) or type(err).__name__})") from None
+    if isinstance(doc, dict) and "encryption" in doc:
+        return _unseal(validate_sealed(doc, meta_path).model_dump(), meta_path, key)
+    return doc, None

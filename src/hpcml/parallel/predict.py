@@ -1,8 +1,8 @@
 """Parallel batch inference: the input split into contiguous shards, one per worker.
 
-Each worker loads the model dir once (load_model checks the weights' sha256), sets its thread count
-and predicts its shard in large batches under `torch.inference_mode()`, with the preprocessing stored
-in the model. The parent puts the shards back in input order and, when asked, writes them atomically
+Each worker loads the model dir once (load_model checks it), sets its thread count and predicts its
+shard with `Model.predict` / `Model.predict_proba`, the one forward path (preprocessing and target
+scale included). The parent puts the shards back in input order and, when asked, writes them atomically
 as Parquet or CSV: a `prediction` column (class name, or the value for a regression model), plus one
 `prob_<class>` column per class with `probabilities=True`.
 
@@ -77,7 +77,7 @@ def predict_parallel(
         before = torch.get_num_threads()
         torch.set_num_threads(cores())
         try:
-            result = predict_rows(model, x, batch_size=batch_size, probabilities=probabilities)
+            result = _predict(model, x, batch_size=batch_size, probabilities=probabilities)
         finally:
             torch.set_num_threads(before)
     else:
@@ -119,20 +119,15 @@ def predict_shard(
     model = load_model(model_dir)
     with attached(data) as arr:
         x = np.array(arr[start:stop])  # a private copy: the shared buffer can be released right away
-    return predict_rows(model, x, batch_size=batch_size, probabilities=probabilities)
+    return _predict(model, x, batch_size=batch_size, probabilities=probabilities)
 
 
-def predict_rows(model: Any, x: np.ndarray, *, batch_size: int, probabilities: bool) -> np.ndarray:
-    """The same computation as Model.predict / predict_proba, so any sharding gives the same rows."""
-    import torch
-
-    with torch.inference_mode():
-        logits = model.logits(x, batch_size=batch_size)
-        if model.meta.get("task") == "regression":
-            return logits[:, 0].numpy()
-        if probabilities:
-            return torch.softmax(logits, dim=1).numpy()
-        return logits.argmax(1).numpy()
+def _predict(model: Any, x: np.ndarray, *, batch_size: int, probabilities: bool) -> np.ndarray:
+    """Model.predict / predict_proba: the one forward path (preprocessing, target scale), so every
+    worker and sharding gives the rows that Model.predict gives."""
+    if probabilities:
+        return model.predict_proba(x, batch_size=batch_size)
+    return model.predict(x, batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------------------- input
