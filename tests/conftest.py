@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
+    # the test kit's callbacks (hpcml_testkit.py) must import in every process a test starts
+    here = str(Path(__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    sys.path.insert(0, here)
     # HPCML_TEST_CPU_FLAGS=avx2 (or avx512_bf16): every process of the run sees that CPU, so one machine
     # runs the suite on the other CPU's precision paths too (see cpu_override/sitecustomize.py).
     if os.environ.get("HPCML_TEST_CPU_FLAGS"):

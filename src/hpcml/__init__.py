@@ -33,7 +33,8 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "load_config",
-    "bench",
+    "benchmark",
+    "Callback",
 ]
 
 _LAZY = {
@@ -49,11 +50,14 @@ _LAZY = {
     "ModelConfig": "hpcml.config",
     "OptimConfig": "hpcml.config",
     "load_config": "hpcml.config",
-    "bench": "hpcml.bench",
+    "benchmark": "hpcml.bench",
+    "Callback": "hpcml.training.callbacks",
 }
 
 if TYPE_CHECKING:
     from hpcml.api import evaluate, predict
+    from hpcml.bench import benchmark
+    from hpcml.training.callbacks import Callback
     from hpcml.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
     from hpcml.models.io import Model, load_model
     from hpcml.parallel.sweep import sweep

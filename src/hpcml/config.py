@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hpcml.errors import UsageError
 
 __all__ = [
+    "CallbackSpec",
     "CheckpointConfig",
     "DataConfig",
     "ModelConfig",
@@ -142,6 +143,15 @@ class CheckpointConfig(_Strict):
         return int(self.every), "step"
 
 
+class CallbackSpec(_Strict):
+    """A callback class by spec, `module:Class` (built with `kwargs`), so a config can carry it to every
+    rank of a data-parallel job and to every job of a sweep. Like a model spec it names code: the
+    config's author has chosen to run it."""
+
+    spec: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class TrainConfig(_Strict):
     """Everything that decides what a training run computes."""
 
@@ -160,6 +170,10 @@ class TrainConfig(_Strict):
     device: str = "auto"
     threads: int | None = Field(None, gt=0, description="torch threads per process; default: cores / procs")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    patience: int | None = Field(
+        None, gt=0, description="early stopping: stop after N epochs without a better validation metric"
+    )
+    callbacks: list[CallbackSpec] = Field(default_factory=list, description="extra callbacks, by spec")
 
     @field_validator("device")
     @classmethod

@@ -265,12 +265,11 @@ def test_quick_suite_smoke(cli, tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".bench-")]  # no staging left behind
 
 
-def test_hpcml_bench_is_callable_whichever_import_came_first():
+def test_hpcml_benchmark_is_the_bench_function():
     import hpcml
-    import hpcml.bench.cases  # noqa: F401  (binds hpcml.bench to the package)
+    import hpcml.bench.cases  # noqa: F401  (the package and the function have different names)
 
-    assert callable(hpcml.bench)
     with pytest.raises(UsageError, match="unknown bench case"):
-        hpcml.bench(cases=["nope"], out=None)
+        hpcml.benchmark(cases=["nope"], out=None)
     with pytest.raises(UsageError, match="unknown suite"):
-        hpcml.bench(suite="huge", out=None)
+        hpcml.benchmark(suite="huge", out=None)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import hpcml
+from hpcml_testkit import spec
 from hpcml.data import store
 
 
@@ -161,13 +162,11 @@ def test_streaming_past_the_memory_budget_matches_resume_after_kill(tmp_path, cl
 
     import yaml
 
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    monkeypatch.setenv(
-        "HPCML_TEST_FAIL_AT", "0:57:kill"
-    )  # in epoch 2; newest checkpoint: step 40, mid epoch 1
+    # killed in epoch 2; newest checkpoint: step 40, mid epoch 1
+    faulty = {**cfg, "callbacks": [spec("FailAt", rank=0, step=57, mode="kill")]}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(faulty))
     killed = cli("train", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run"), "--quiet")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    monkeypatch.delenv("HPCML_TEST_FAIL_AT")
     resumed = cli("train", "--resume", str(tmp_path / "run"), "--json")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["resumed_from_step"] == 40

@@ -170,7 +170,8 @@ def test_rank_crash_ends_job_promptly_naming_the_rank(tmp_path):
         "2",
         "--out",
         str(tmp_path / "run"),
-        env={"HPCML_TEST_FAIL_AT": "1:5"},
+        "--set",
+        "callbacks=[{spec: 'hpcml_testkit:FailAt', kwargs: {rank: 1, step: 5}}]",
     )
     _, err = p.communicate(timeout=120)
     elapsed = time.perf_counter() - t0

@@ -16,7 +16,8 @@ from hpcml.config import DataConfig, build_config, load_config
 from hpcml.data.folds import apply_folds
 from hpcml.data.sources import load_dataset
 from hpcml.errors import HpcmlError, UsageError
-from hpcml.parallel.sweep import HOOK_ENV, _points, parse_params, resolve_name
+from hpcml.parallel.sweep import _points, parse_params, resolve_name
+from hpcml_testkit import spec
 from hpcml.parallel.tasks import Runner, Task
 
 BASE = {
@@ -94,11 +95,13 @@ def test_rerun_runs_nothing(local_sweep, tmp_path, cli):
     assert doc["ran"] == 0 and doc["skipped"] == 8 and doc["best"]["mean"] == local_sweep.best["mean"]
 
 
-def test_killed_job_is_retried_and_config_error_is_neither_retried_nor_ranked(tmp_path, monkeypatch):
+def test_killed_job_is_retried_and_config_error_is_neither_retried_nor_ranked(tmp_path):
     # classes=3 SIGKILLs its own process on the first attempt; classes=40 is too many for 8 features:
     # a UsageError at run time, the same on every attempt, so it is not retried
-    monkeypatch.setenv(HOOK_ENV, "data.classes=3:kill-first")
-    res = hpcml.sweep(BASE, params={"classes": [3, 4, 40]}, workers=2, retries=1, out=tmp_path)
+    (tmp_path / "marks").mkdir()
+    fault = spec("JobFault", match={"data.classes": 3}, action="kill-first", marker_dir=str(tmp_path / "marks"))
+    base = {**BASE, "callbacks": [fault]}
+    res = hpcml.sweep(base, params={"classes": [3, 4, 40]}, workers=2, retries=1, out=tmp_path / "s")
     *ok, failed = res.rows
     assert sorted(r["params"]["data.classes"] for r in ok) == [3, 4]
     assert all(r["status"] == "ok" and r["mean"] > 0.3 for r in ok)
@@ -108,16 +111,16 @@ def test_killed_job_is_retried_and_config_error_is_neither_retried_nor_ranked(tm
     assert "too many" in failed["error"]
     jobs = {
         tuple(j["params"].values())[0]: j
-        for j in json.loads((tmp_path / "sweep.json").read_text())["job_list"]
+        for j in json.loads((tmp_path / "s" / "sweep.json").read_text())["job_list"]
     }
     assert jobs[3]["attempts"] == 2 and "killed by SIGKILL" in jobs[3]["errors"][0]
     assert jobs[40]["attempts"] == 1 and jobs[40]["status"] == "failed" and len(jobs[40]["errors"]) == 1
     assert jobs[40]["usage_error"] is True and jobs[3]["usage_error"] is False
     assert [f["params"] for f in res.failed] == [{"data.classes": 40}]
-    assert (tmp_path / "runs" / ok[0]["jobs"][0] / "report.json").exists()
-    csv = (tmp_path / "results.csv").read_text().splitlines()
+    assert (tmp_path / "s" / "runs" / ok[0]["jobs"][0] / "report.json").exists()
+    csv = (tmp_path / "s" / "results.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in csv[1:]] == ["1", "2", ""]  # the failed row has no rank
-    md = (tmp_path / "results.md").read_text()
+    md = (tmp_path / "s" / "results.md").read_text()
     assert "- data.classes=40: data.classes=40 is too many" in md and "rank None" not in md
 
 

@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 import hpcml
+from hpcml_testkit import TraceSamples, spec
 
 KEY = "11" * 32  # a test key (hex); real keys come from a 0600 file
 
@@ -38,27 +39,37 @@ def _trace(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _set_trace(run_dir, path):
+    """Point the TraceSamples callback in a run's config.yaml to another file (callbacks may change
+    between a checkpoint and its resume: they do not change what the run computes)."""
+    doc = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for c in doc["callbacks"]:
+        if c["spec"].endswith(":TraceSamples"):
+            c["kwargs"]["path"] = str(path)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(doc))
+
+
 def _write_cfg(tmp_path, cfg):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, cfg, cli, monkeypatch):
-    monkeypatch.setenv("HPCML_TEST_TRACE", str(tmp_path / "trace-ref.jsonl"))
-    ref = hpcml.train(cfg, out=tmp_path / "ref")
-    monkeypatch.delenv("HPCML_TEST_TRACE")
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, cfg, cli):
+    ref = hpcml.train(cfg, out=tmp_path / "ref", callbacks=[TraceSamples(str(tmp_path / "trace-ref.jsonl"))])
 
     run = tmp_path / "run"
-    monkeypatch.setenv("HPCML_TEST_FAIL_AT", "0:13:kill")  # SIGKILL just before step 13 (epoch 2)
-    monkeypatch.setenv("HPCML_TEST_TRACE", str(tmp_path / "trace-a.jsonl"))
-    killed = cli("train", "--config", str(_write_cfg(tmp_path, cfg)), "--out", str(run), "--quiet")
+    faulty = {**cfg, "callbacks": [
+        spec("TraceSamples", path=str(tmp_path / "trace-a.jsonl")),
+        spec("FailAt", rank=0, step=13, mode="kill"),  # SIGKILL just before step 13 (epoch 2)
+    ]}  # fmt: skip
+    killed = cli("train", "--config", str(_write_cfg(tmp_path, faulty)), "--out", str(run), "--quiet")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (run / "report.json").exists() and not (run / "model").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
 
-    monkeypatch.delenv("HPCML_TEST_FAIL_AT")
-    monkeypatch.setenv("HPCML_TEST_TRACE", str(tmp_path / "trace-b.jsonl"))
+    # the resumed run takes the same config.yaml (callbacks included); FailAt fires on a fresh start only
+    _set_trace(run, tmp_path / "trace-b.jsonl")
     resumed = cli("train", "--resume", str(run), "--json")
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads(resumed.stdout)
@@ -83,13 +94,12 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, cfg, cli, monkeypa
     assert all(ids == list(range(480)) for ids in per_epoch)
 
 
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, cfg, cli, monkeypatch):
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, cfg, cli):
     ref = hpcml.train(cfg, out=tmp_path / "ref")
     run = tmp_path / "run"
-    monkeypatch.setenv("HPCML_TEST_FAIL_AT", "0:18:raise")
-    failed = cli("train", "--config", str(_write_cfg(tmp_path, cfg)), "--out", str(run), "--quiet")
+    faulty = {**cfg, "callbacks": [spec("FailAt", rank=0, step=18)]}
+    failed = cli("train", "--config", str(_write_cfg(tmp_path, faulty)), "--out", str(run), "--quiet")
     assert failed.returncode == 1 and "injected failure at step 18" in failed.stderr
-    monkeypatch.delenv("HPCML_TEST_FAIL_AT")
     # checkpoints at steps 10 and 15 remain; flip a byte in the newest one's weights
     newest = run / "checkpoints" / "step-00000015" / "model.safetensors"
     data = bytearray(newest.read_bytes())
@@ -166,12 +176,11 @@ def test_encrypted_model_dir_and_checkpoints(tmp_path, cfg, monkeypatch, cli):
         hpcml.load_model(run.dir / "model")
 
 
-def test_elastic_restart_resumes_and_matches_uninterrupted(tmp_path, cfg, monkeypatch):
+def test_elastic_restart_resumes_and_matches_uninterrupted(tmp_path, cfg):
     cfg = {**cfg, "batch_size": 32}  # 2 ranks x 32 = global 64, the same 8 steps per epoch
     ref = hpcml.train(cfg, out=tmp_path / "ref", nproc=2)
-    monkeypatch.setenv("HPCML_TEST_FAIL_AT", "1:13:kill")  # rank 1 is SIGKILLed before step 13
-    run = hpcml.train(cfg, out=tmp_path / "run", nproc=2, max_restarts=1)
+    kill = {**cfg, "callbacks": [spec("FailAt", rank=1, step=13, mode="kill")]}  # before step 13
+    run = hpcml.train(kill, out=tmp_path / "run", nproc=2, max_restarts=1)
     assert run.report["resumed_from_step"] == 10 and run.report["restarts"] == 1
     assert run.report["steps"] == 24 and run.report["world_size"] == 2
     _assert_equal_weights(run.dir, ref.dir)
-    assert os.environ["HPCML_TEST_FAIL_AT"]  # the hook stayed set: only the first attempt fails

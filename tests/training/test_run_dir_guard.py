@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 import hpcml
+from hpcml_testkit import spec
 from hpcml.errors import UsageError
 
 
@@ -50,9 +51,9 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path
 def test_a_killed_run_leaves_no_lock_behind(tmp_path, small_cfg, cli):
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({**small_cfg, "checkpoint": {"every": "5"}}))
-    killed = _popen("train", "--config", str(cfg), "--out", str(out), "--quiet",
-                    env={"HPCML_TEST_FAIL_AT": "0:12:kill"})  # fmt: skip
+    faulty = {**small_cfg, "checkpoint": {"every": "5"}, "callbacks": [spec("FailAt", rank=0, step=12, mode="kill")]}
+    cfg.write_text(yaml.safe_dump(faulty))
+    killed = _popen("train", "--config", str(cfg), "--out", str(out), "--quiet")
     killed.communicate(timeout=300)
     assert killed.returncode == -signal.SIGKILL
     resumed = cli("train", "--resume", str(out), "--json")

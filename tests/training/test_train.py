@@ -148,25 +148,27 @@ def test_full_batch_gd(tmp_path, small_cfg):
 
 
 def test_full_batch_gradient_is_exact(small_cfg):
-    """Chunked full-batch GD equals one step on the whole set at once."""
+    """Chunked full-batch GD (FullBatches through the one training step) equals one step on the whole
+    set at once."""
     from hpcml.training import loop
 
     torch.manual_seed(0)
     x, y = torch.randn(100, 6), torch.randint(0, 3, (100,))
-    models = [create_model("mlp", input_shape=(6,), num_classes=3, hidden=8) for _ in range(2)]
+    from hpcml.data.loader import FullBatches
+
+    models = [create_model("mlp", input_shape=(6,), num_outputs=3, hidden=8) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
     ce = torch.nn.CrossEntropyLoss()
-    loop.full_batch_step(
+    steps = loop.train_epoch(
         models[0],
-        x,
-        y,
+        FullBatches(x, y, chunk=7).epoch(0),
         optimizer=opts[0],
         loss_fn=ce,
         autocast=torch.autocast("cpu", enabled=False),
         stats=loop.EpochStats(torch.device("cpu")),
-        chunk=7,
     )
+    assert steps == 1
     ce(models[1](x), y).backward()
     opts[1].step()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):

@@ -15,10 +15,8 @@ from __future__ import annotations
 import os
 import platform
 import re
-import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 
 from hpcml.errors import UsageError
 
-__all__ = ["bench", "doctor", "CASES", "SUITE_NAMES"]
+__all__ = ["bench", "benchmark", "doctor", "CASES", "SUITE_NAMES"]
 
 CASES = ("time-to-accuracy", "throughput", "mfu", "scaling", "predict", "breakdown", "precision")
 SUITE_NAMES = ("quick", "full")
@@ -171,12 +169,4 @@ def _limits_from_breakdown(results: dict[str, Any]) -> None:
                 g["note"] += f" (measured step: {shares})"
 
 
-class _CallableModule(types.ModuleType):
-    """`hpcml.bench` is both this package and the public function: importing a submodule rebinds
-    the name `bench` on `hpcml` to the package, so the package forwards calls to `bench()`."""
-
-    def __call__(self, **kwargs: Any) -> dict[str, Any]:
-        return bench(**kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+benchmark = bench  # `hpcml.benchmark(...)`: the package keeps the name `hpcml.bench`

@@ -35,14 +35,11 @@ def _steps_forever(batches):
 
 def measure(cfg: TrainConfig, *, steps: int, warmup: int = 3, dist: DistInfo | None = None) -> dict[str, Any]:
     """Time `steps` training steps of `cfg` phase by phase (after `warmup` untimed steps)."""
-    from hpcml.data.loader import DeviceBatches
-    from hpcml.data.preprocess import Normalizer
     from hpcml.data.sources import load_dataset
-    from hpcml.models.registry import create_model
     from hpcml.training import loop
-    from hpcml.training.optim import build_optimizer, build_schedule
-    from hpcml.training.precision import autocast, detect
-    from hpcml.training.run import resolve_model_name, seed_everything
+    from hpcml.training.build import build
+    from hpcml.training.precision import detect
+    from hpcml.training.run import resolve_model_name
 
     info = dist or DistInfo()
     data = load_dataset(cfg.data)
@@ -59,23 +56,12 @@ def measure(cfg: TrainConfig, *, steps: int, warmup: int = 3, dist: DistInfo | N
     threads_before = torch.get_num_threads()
     torch.set_num_threads(hw.threads)
     try:
-        dev = hw.device
-        norm = Normalizer.fit(data.x_train, method=cfg.data.normalize, per_feature=data.kind == "tabular")
-        x = torch.from_numpy(norm(data.x_train)).to(dev)
-        y = torch.from_numpy(data.y_train).to(dev)
-        kw = {"batch_size": cfg.batch_size, "seed": cfg.seed, "accum": cfg.grad_accum}
-        batches = DeviceBatches(x, y, rank=info.rank, world_size=info.world_size, **kw)
-        seed_everything(cfg.seed)
-        module = create_model(
-            cfg.model.name, input_shape=data.input_shape, num_classes=data.num_classes, **cfg.model.kwargs
-        ).to(dev)
+        run = build(cfg, data, hw, info)  # the parts `hpcml train` builds, from the same function
+        dev, module, batches, amp = hw.device, run.module, run.batches, run.amp
+        optimizer, schedule, loss_fn = run.optimizer, run.schedule, run.train_loss
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, cfg.optim, device=dev)
-        schedule = build_schedule(optimizer, cfg.optim, total_steps=2 * (steps + warmup))
-        amp = autocast(hw.precision, dev)
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        xb0, yb0 = x[: batches.batch_size], y[: batches.batch_size]
-        flops = train_step_flops(module, xb0, yb0, loss_fn) * cfg.grad_accum
+        first = next(iter(batches.epoch(0)))[0]
+        flops = train_step_flops(module, first.x, first.y, loss_fn) * cfg.grad_accum
 
         totals = dict.fromkeys(PHASES, 0.0)
         it = _steps_forever(batches)
@@ -114,7 +100,7 @@ def measure(cfg: TrainConfig, *, steps: int, warmup: int = 3, dist: DistInfo | N
             t0 = now(dev)
             try:
                 loop.train_epoch(
-                    module,
+                    run.step_model,  # DDP-wrapped with several ranks: overlapped, as in training
                     itertools.islice(it, steps),
                     optimizer=optimizer,
                     loss_fn=loss_fn,

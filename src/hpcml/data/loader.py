@@ -15,7 +15,7 @@ rank left without samples in that last step runs one zero-weighted sample so col
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -99,3 +99,48 @@ class DeviceBatches:
                 )
                 pos += n
             yield micro
+
+
+class FullBatches:
+    """Full-batch gradient descent as Batches: every epoch is one optimizer step over the whole
+    training set, cut into chunks so memory stays bounded on large data.
+
+    Each rank takes a contiguous shard; each chunk is a micro-batch weighted by
+    chunk_rows * world_size / total_rows, so DDP's gradient average is the exact gradient of the mean
+    over the whole set (the accumulation path of the step computes it, all-reducing on the last chunk).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, rank: int = 0, world_size: int = 1, chunk: int = 16384):
+        shard = torch.tensor_split(torch.arange(len(x)), world_size)[rank].to(x.device)
+        self.x, self.y = x.index_select(0, shard), y.index_select(0, shard)
+        self.total, self.world_size, self.chunk = len(x), world_size, chunk
+        self.batch_size = len(self.x)
+        self.global_batch = len(x)
+
+    def __len__(self) -> int:
+        return 1
+
+    def epoch(self, epoch: int, *, start: int = 0) -> Iterator[list[Micro]]:
+        if start >= 1:
+            return
+        w = self.world_size / self.total
+        yield [
+            Micro(self.x[i : i + self.chunk], self.y[i : i + self.chunk], n * w, n)
+            for i in range(0, len(self.x), self.chunk)
+            for n in [min(self.chunk, len(self.x) - i)]
+        ]
+
+
+class EvalSplit:
+    """A split to score, as chunks of (x, y) on the device: one in-memory shard of this rank, or a
+    factory of chunks streamed from a store. Both give the same sums to EpochStats."""
+
+    def __init__(self, chunks: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], rows: int):
+        self._chunks, self.rows = chunks, rows
+
+    @classmethod
+    def in_memory(cls, x: torch.Tensor, y: torch.Tensor) -> EvalSplit:
+        return cls(lambda: [(x, y)], len(x))
+
+    def chunks(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        return self._chunks()

@@ -116,6 +116,18 @@ def _elastic_log_level(level: int) -> Iterator[None]:
             lg.setLevel(old)
 
 
+def check_launch(cfg: TrainConfig, *, nproc: int, nnodes: int, node_rank: int, rdzv_endpoint: str | None) -> None:
+    """Refuse a launch that cannot work before anything starts or is written (exit 2)."""
+    if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise UsageError(
+            f"need nproc >= 1, nnodes >= 1 and 0 <= node_rank < nnodes "
+            f"(got nproc={nproc}, nnodes={nnodes}, node_rank={node_rank})"
+        )
+    if nnodes > 1 and rdzv_endpoint is None:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address, reachable by all)")
+    _check_hardware(nproc, cfg.device)
+
+
 def launch(
     cfg: TrainConfig,
     *,
@@ -133,14 +145,7 @@ def launch(
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
-        raise UsageError(
-            f"need nproc >= 1, nnodes >= 1 and 0 <= node_rank < nnodes "
-            f"(got nproc={nproc}, nnodes={nnodes}, node_rank={node_rank})"
-        )
-    if nnodes > 1 and rdzv_endpoint is None:
-        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (node 0's address, reachable by all)")
-    _check_hardware(nproc, cfg.device)
+    check_launch(cfg, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
     if rdzv_endpoint is None:
         host, port = "127.0.0.1", free_port()
     else:

@@ -40,9 +40,6 @@ RESERVED = {
     "data.fold": "use folds= (--folds K) for cross-validation",
     "threads": "threads per job follow from workers= (--workers): cores // workers",
 }
-# Test hook, read here in the parent and passed to each job: "PARAM=VALUE:ACTION[;...]" with ACTION
-# kill-first (SIGKILL on the first attempt), kill-always or fail-always.
-HOOK_ENV = "HPCML_TEST_JOB_HOOK"
 
 
 @dataclass
@@ -223,16 +220,6 @@ def _check_values(base: dict[str, Any], params: dict[str, Any], source: str) -> 
                 raise UsageError(f"--param {name}={v!r} is not valid:\n{err}") from None
 
 
-def _hook_for(point: dict[str, Any]) -> str | None:
-    spec = os.environ.get(HOOK_ENV)
-    for rule in (spec or "").split(";"):
-        match, _, action = rule.rpartition(":")
-        key, _, value = match.partition("=")
-        if key and resolve_name(key) in point and str(point[resolve_name(key)]) == value:
-            return action
-    return None
-
-
 def sweep(
     config: TrainConfig | dict | str | Path | None = None,
     *,
@@ -279,7 +266,7 @@ def sweep(
             cfg = build_config(merge(base, {**point, **extra}), source=f"sweep point {point}")
             jid = job_id(cfg)
             jobs.append({"id": jid, "point": i, "params": point, "fold": fold, "config": cfg,
-                         "dir": out / "runs" / jid, "hook": _hook_for(point)})  # fmt: skip
+                         "dir": out / "runs" / jid})  # fmt: skip
     if len({j["id"] for j in jobs}) != len(jobs):
         raise UsageError("two parameter combinations give the same config; remove the duplicate values")
 
@@ -289,7 +276,7 @@ def sweep(
         j["status"], j["attempts"], j["error"], j["ran"] = ("done", 0, None, False)
         if j["report"] is None:
             todo.append(Task(j["id"], "hpcml.parallel.sweep:run_job", {
-                "config": j["config"].model_dump(mode="json"), "out": str(j["dir"]), "hook": j["hook"],
+                "config": j["config"].model_dump(mode="json"), "out": str(j["dir"]),
             }))  # fmt: skip
     _check_metric(metric, jobs)  # before running, when earlier runs left reports to check against
     if todo:
@@ -350,13 +337,12 @@ def _write_outputs(result: SweepResult, base_cfg: TrainConfig, jobs: list[dict])
     report.write_text(out / "sweep.json", json.dumps(result.summary, indent=2, default=str) + "\n")
 
 
-def run_job(*, config: dict[str, Any], out: str, hook: str | None, threads: int, attempt: int) -> dict:
+def run_job(*, config: dict[str, Any], out: str, threads: int, attempt: int) -> dict:
     """One sweep job in a worker: train `config` into `out` and return its report."""
     import shutil
 
     from hpcml.training.run import run_process
 
-    _apply_hook(hook, attempt)
     cfg = build_config(config)
     if cfg.threads is None:
         cfg = cfg.model_copy(update={"threads": threads})
@@ -366,15 +352,6 @@ def run_job(*, config: dict[str, Any], out: str, hook: str | None, threads: int,
     if run is None:
         raise HpcmlError(f"{out}: the training run wrote no report")
     return json.loads(json.dumps(run.report))  # plain JSON values, the same as report.json holds
-
-
-def _apply_hook(hook: str | None, attempt: int) -> None:
-    import signal
-
-    if hook == "kill-always" or (hook == "kill-first" and attempt == 0):
-        os.kill(os.getpid(), signal.SIGKILL)
-    if hook == "fail-always":
-        raise HpcmlError(f"injected failure ({HOOK_ENV})")
 
 
 def _as_config(config: TrainConfig | dict | str | Path | None) -> TrainConfig:

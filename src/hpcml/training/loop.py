@@ -71,20 +71,18 @@ def train_epoch(
     schedule=None,
     scaler: torch.amp.GradScaler | None = None,
     stats: EpochStats,
-    on_step: Callable[[int], None] | None = None,
-    before_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, list], None] | None = None,
 ) -> int:
     """One pass over `steps` (each a list of `Micro` batches), one optimizer step per item.
 
     With several micro-batches (gradient accumulation) the gradient all-reduce of a DDP model runs
-    only on the last one (`no_sync` on the others). Returns the number of optimizer steps taken.
+    only on the last one (`no_sync` on the others). `on_step(n, micro)` follows the n-th step.
+    Returns the number of optimizer steps taken.
     """
     model.train()
     n_steps = 0
     no_sync = getattr(model, "no_sync", None)
     for micro in steps:
-        if before_step is not None:
-            before_step(n_steps)
         last = len(micro) - 1
         for j, mb in enumerate(micro):
             with no_sync() if (no_sync is not None and j < last) else contextlib.nullcontext():
@@ -105,47 +103,8 @@ def train_epoch(
             schedule.step()
         n_steps += 1
         if on_step is not None:
-            on_step(n_steps)
+            on_step(n_steps, micro)
     return n_steps
-
-
-def full_batch_step(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    autocast,
-    schedule=None,
-    stats: EpochStats,
-    total: int | None = None,
-    world_size: int = 1,
-    chunk: int = 16384,
-) -> int:
-    """Gradient descent on the whole training set: one optimizer step with the exact full-batch
-    gradient, computed in chunks so memory stays bounded on large data.
-
-    `x` is this rank's shard and `total` the rows over all ranks; each chunk's loss is weighted by
-    chunk_rows * world / total so DDP's average is the mean over the whole set.
-    """
-    model.train()
-    total = total or x.shape[0]
-    no_sync = getattr(model, "no_sync", None)
-    starts = list(range(0, x.shape[0], chunk))
-    for k, i in enumerate(starts):
-        xb, yb = x[i : i + chunk], y[i : i + chunk]
-        with no_sync() if (no_sync is not None and k < len(starts) - 1) else contextlib.nullcontext():
-            with autocast:
-                logits = model(xb)
-                loss = loss_fn(logits, yb)
-            (loss * (yb.shape[0] * world_size / total)).backward()
-        stats.add(loss, logits, yb)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if schedule is not None:
-        schedule.step()
-    return 1
 
 
 @torch.inference_mode()

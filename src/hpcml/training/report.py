@@ -47,6 +47,7 @@ class RunDirLock:
 
     def __init__(self, path: Path):
         self.path = check_out_dir(path)
+        self.created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / ".lock"
         self._fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
@@ -72,7 +73,10 @@ class RunDirLock:
     def __enter__(self) -> RunDirLock:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self.created and [p.name for p in self.path.iterdir()] == [".lock"]:
+            (self.path / ".lock").unlink()  # a run that failed before writing anything leaves no dir
+            self.path.rmdir()
         self.release()
 
 

@@ -23,6 +23,7 @@ import torch
 
 from hpcml.config import CheckpointConfig
 from hpcml.errors import HpcmlError, UsageError
+from hpcml.training.callbacks import Callback
 from hpcml.training.checkpoint import (
     Checkpoint,
     CheckpointWarning,
@@ -31,7 +32,7 @@ from hpcml.training.checkpoint import (
     save_checkpoint,
 )
 
-__all__ = ["Checkpointer", "ResumePoint", "find_resume_point"]
+__all__ = ["Checkpointer", "Checkpoints", "ResumePoint", "find_resume_point"]
 
 
 @dataclass
@@ -232,3 +233,34 @@ class Checkpointer:
             )
         finally:
             self.seconds += time.perf_counter() - t0
+
+
+class Checkpoints(Callback):
+    """The checkpoint policy as a callback: mid-epoch saves every N steps (with the half-done epoch's
+    sums, reduced over ranks: every rank takes part), epoch-end saves, and the final save, marked
+    finished. Rank 0 writes; a resumed finished run is not saved again."""
+
+    def __init__(self, ckpt: Checkpointer, *, key: bytes | None):
+        self.ckpt, self.key = ckpt, key
+
+    def _save(self, run, state, *, epoch: int, batch: int, stats: list[float] | None, done: bool) -> None:
+        extra = state.to_extra(stats=stats, done=done, checkpoint_seconds=self.ckpt.seconds)
+        extra["config"] = run.cfg.model_dump(mode="json")  # a resume refuses an edited config.yaml
+        self.ckpt.save(
+            step=state.step, epoch=epoch, batch=batch, module=run.module, optimizer=run.optimizer,
+            schedule=run.schedule, scaler=run.scaler, extra=extra,
+        )  # fmt: skip
+
+    def on_step_end(self, run, state, micro) -> None:
+        if self.ckpt.due_mid_epoch(state.step, state.batch):
+            totals = state.stats.totals(run.reduce)  # a sync, on every rank: the sums over all ranks
+            self._save(run, state, epoch=state.epoch, batch=state.batch, stats=totals, done=False)
+
+    def on_epoch_end(self, run, state, row) -> None:
+        done = state.epoch + 1
+        if state.stop is None and done < run.cfg.epochs and self.ckpt.due_epoch_end(state.step, done):
+            self._save(run, state, epoch=done, batch=0, stats=None, done=False)
+
+    def on_train_end(self, run, state) -> None:
+        if not state.finished:  # the final checkpoint: resuming it only rewrites the report
+            self._save(run, state, epoch=len(state.rows), batch=0, stats=None, done=True)

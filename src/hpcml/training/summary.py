@@ -8,7 +8,9 @@ import torch
 
 import hpcml
 from hpcml.models.io import Model, save_model
+from hpcml.training.callbacks import Callback
 from hpcml.training.precision import cpu_name
+from hpcml.training.report import RunDir
 
 
 def _brief(report: dict) -> dict:
@@ -16,20 +18,33 @@ def _brief(report: dict) -> dict:
     return {k: v for k, v in report.items() if not (isinstance(v, list) and len(v) > 64)}
 
 
-def write_results(
-    *, run_dir, cfg, data, hw, info, module, normalizer, y_scale, rows, steps, train_seconds, step_seconds,
-    time_to_target, t_wall, ckpt, point, key, batch_size, global_batch, n_train,
-):  # fmt: skip
-    """Save the model, plot the curves and write report.json; returns the Run."""
-    from hpcml.training.run import Run
+class RunDirWriter(Callback):
+    """Rank 0's run dir: config.yaml at the start, a metrics.jsonl row per epoch, and at the end the
+    model dir, curves.png and report.json (`self.result`, a Run)."""
 
-    regression = data.task == "regression"
-    metric = "r2" if regression else "accuracy"
-    full_batch = cfg.optim.name == "gd"
-    ddp = info.world_size > 1
-    dev = hw.device
-    val = data.x_val
-    meta = {
+    def __init__(self, run_dir: RunDir, *, ckpt, key: bytes | None, t_wall: float):
+        self.run_dir, self.ckpt, self.key, self.t_wall = run_dir, ckpt, key, t_wall
+        self.result = None
+
+    def on_train_start(self, run, state) -> None:
+        self.run_dir.write_config(run.cfg)
+        for row in state.rows:  # metrics.jsonl holds exactly the epochs the checkpoint has seen
+            self.run_dir.log_epoch(row)
+
+    def on_epoch_end(self, run, state, row) -> None:
+        self.run_dir.log_epoch(row)
+
+    def on_train_end(self, run, state) -> None:
+        self.result = write_results(run, state, run_dir=self.run_dir, ckpt=self.ckpt, key=self.key, t_wall=self.t_wall)
+
+    def close(self) -> None:
+        self.run_dir.close()
+
+
+def model_meta(run) -> dict:
+    """model.json's fields (besides format and sha256): the architecture and how to feed it."""
+    cfg, data = run.cfg, run.data
+    return {
         "architecture": cfg.model.name,
         "kwargs": cfg.model.kwargs,
         "input_shape": list(data.input_shape),
@@ -38,11 +53,26 @@ def write_results(
         "task": data.task,
         "features": data.features,
         "target": data.target,
-        "target_scale": {"mean": y_scale[0], "std": y_scale[1]} if regression else None,
-        "preprocessing": normalizer.to_json(),
+        "target_scale": {"mean": run.y_scale[0], "std": run.y_scale[1]} if run.regression else None,
+        "preprocessing": run.normalizer.to_json(),
         "data": {"name": data.name, "source": data.source},
         "hpcml_version": hpcml.__version__,
     }
+
+
+def write_results(run, state, *, run_dir, ckpt, key, t_wall):
+    """Save the model, plot the curves and write report.json; returns the Run."""
+    from hpcml.training.run import Run
+
+    cfg, data, hw, info, module = run.cfg, run.data, run.hw, run.dist, run.module
+    rows, steps, point_ckpt = state.rows, state.step, state.checkpoint_seconds
+    train_seconds, step_seconds, time_to_target = state.elapsed(), state.step_seconds, state.time_to_target
+    regression, metric = run.regression, run.metric
+    full_batch = cfg.optim.name == "gd"
+    ddp = info.world_size > 1
+    dev = hw.device
+    val = data.x_val
+    meta = model_meta(run)
     model = Model(module, meta)
     last = rows[-1]
     save_model(run_dir.path / "model", module, meta, key=key)
@@ -58,7 +88,7 @@ def write_results(
         "step_seconds": step_seconds,
         "eval_seconds": train_seconds - step_seconds,
         "wall_seconds": time.perf_counter() - t_wall,
-        "samples_per_second": len(rows) * n_train / step_seconds,
+        "samples_per_second": len(rows) * run.n_train / step_seconds,
         "epochs": len(rows),
         "steps": steps,
         "target_accuracy": cfg.target_accuracy,
@@ -67,18 +97,18 @@ def write_results(
         "checkpoints": {
             "every": cfg.checkpoint.every,
             "saved": ckpt.saves,
-            "seconds": ckpt.seconds + (point.checkpoint_seconds if point else 0.0),
-            "share_of_train_time": (ckpt.seconds + (point.checkpoint_seconds if point else 0.0))
-            / max(train_seconds, 1e-9),
+            "seconds": ckpt.seconds + point_ckpt,
+            "share_of_train_time": (ckpt.seconds + point_ckpt) / max(train_seconds, 1e-9),
             "encrypted": key is not None,
             "failures": ckpt.failures,
         },
-        "resumed_from_step": point.step if point else None,
-        "restarts": point.restarts + 1 if point else 0,
+        "resumed_from_step": state.resumed_from,
+        "restarts": state.restarts,
+        "stopped_by": state.stop,
         "world_size": info.world_size,
-        "batch_size": batch_size,
+        "batch_size": run.batches.batch_size,
         "grad_accum": 1 if full_batch else cfg.grad_accum,
-        "global_batch_size": global_batch,
+        "global_batch_size": run.batches.global_batch,
         "full_batch": full_batch,
         "optimizer": cfg.optim.name,
         "schedule": cfg.optim.schedule,
@@ -86,7 +116,7 @@ def write_results(
         "model_parameters": sum(p.numel() for p in module.parameters()),
         "data": {
             "name": data.name,
-            "train_rows": n_train,
+            "train_rows": run.n_train,
             "val_rows": 0 if data.x_val is None else len(data.x_val),
             "test_rows": data.test_rows,
             "streamed": data.stream is not None,
