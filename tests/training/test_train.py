@@ -89,7 +89,7 @@ def test_loop_matches_plain_pytorch(tmp_path, small_cfg):
     run = hpcml.train(cfg, out=tmp_path / "run")
     ds = load_dataset(TrainConfig.model_validate(cfg).data)
     torch.manual_seed(0)
-    model = create_model("mlp", input_shape=(8,), num_classes=3, hidden=32)
+    model = create_model("mlp", input_shape=(8,), num_outputs=3, hidden=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
     order = DeviceBatches(x, y, batch_size=64, seed=0)
@@ -153,7 +153,7 @@ def test_full_batch_gradient_is_exact(small_cfg):
 
     torch.manual_seed(0)
     x, y = torch.randn(100, 6), torch.randint(0, 3, (100,))
-    models = [create_model("mlp", input_shape=(6,), num_classes=3, hidden=8) for _ in range(2)]
+    models = [create_model("mlp", input_shape=(6,), num_outputs=3, hidden=8) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
     ce = torch.nn.CrossEntropyLoss()

@@ -295,8 +295,9 @@ def _run(cfg, data, hw, info: DistInfo, *, out, quiet, t_wall, resume) -> Run | 
 
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     module = create_model(
-        cfg.model.name, input_shape=data.input_shape, num_classes=data.num_outputs, **cfg.model.kwargs
-    ).to(dev)
+        cfg.model.name, input_shape=data.input_shape, num_outputs=data.num_outputs, trust_code=True,
+        **cfg.model.kwargs,
+    ).to(dev)  # trust_code: the user named the model in their own config or command line
     step_model: nn.Module = pdist.wrap_ddp(module, dev) if ddp else module
     if hw.compile:
         step_model = torch.compile(step_model)
