@@ -22,6 +22,21 @@ from typing import Any
 
 from hpcml.errors import UsageError
 
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "MODEL_NAMES",
+    "ModelBuildError",
+    "ModelInfo",
+    "check_trust",
+    "create_model",
+    "default_model_for",
+    "describe_models",
+    "is_spec",
+    "list_models",
+    "name_problem",
+    "plugins",
+]
+
 ENTRY_POINT_GROUP = "hpcml.models"
 
 # name -> "module:callable"; imported lazily so the registry is cheap to consult (config validation).
@@ -119,7 +134,7 @@ def create_model(
 
 
 def _create_builtin(name: str, shape: tuple[int, ...], num_outputs: int, kwargs: dict[str, Any]):
-    cls = load_builtin(name)
+    cls = _load_builtin(name)
     _check_kwargs(name, cls, kwargs)
     try:
         return cls(input_shape=shape, num_outputs=num_outputs, **kwargs)
@@ -127,12 +142,6 @@ def _create_builtin(name: str, shape: tuple[int, ...], num_outputs: int, kwargs:
         raise UsageError(f"model {name}: {err}") from None
     except ValueError as err:  # e.g. an input shape the architecture cannot take
         raise UsageError(f"model {name}: {err}") from None
-
-
-def load_factory(name: str, *, trust_code: bool = False):
-    """The callable a plugin name or spec points to (imported: a spec needs `trust_code`)."""
-    check_trust(name, trust_code)
-    return _load_factory(name)
 
 
 def _load_factory(name: str):
@@ -250,7 +259,7 @@ def describe_models() -> list[ModelInfo]:
     imported (installed code is trusted); a broken one is listed with its error, never raised."""
     from importlib.metadata import entry_points
 
-    rows = [ModelInfo(n, "built-in", t, "hpcml", _signature(load_builtin(n))) for n, t in _BUILTINS.items()]
+    rows = [ModelInfo(n, "built-in", t, "hpcml", _signature(_load_builtin(n))) for n, t in _BUILTINS.items()]
     seen = set(_BUILTINS)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = f"{ep.dist.name} {ep.dist.version}" if getattr(ep, "dist", None) else "?"
@@ -266,7 +275,7 @@ def describe_models() -> list[ModelInfo]:
     return rows
 
 
-def load_builtin(name: str):
+def _load_builtin(name: str):
     module, attr = _BUILTINS[name].split(":")
     return getattr(importlib.import_module(module), attr)
 
