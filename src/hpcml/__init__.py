@@ -57,10 +57,10 @@ _LAZY = {
 if TYPE_CHECKING:
     from hpcml.api import evaluate, predict
     from hpcml.bench import benchmark
-    from hpcml.training.callbacks import Callback
     from hpcml.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
     from hpcml.models.io import Model, load_model
     from hpcml.parallel.sweep import sweep
+    from hpcml.training.callbacks import Callback
     from hpcml.training.run import Run, train
 
 

@@ -15,20 +15,25 @@ from hpcml.models.io import Model, load_model
 from hpcml.training.precision import available_cores
 
 
-def _model(model: Model | str | Path) -> Model:
-    return model if isinstance(model, Model) else load_model(model)
+def _model(model: Model | str | Path, trust_code: bool) -> Model:
+    return model if isinstance(model, Model) else load_model(model, trust_code=trust_code)
 
 
 def evaluate(
-    model: Model | str | Path, data: DataConfig | dict | str = "mnist1d", *, target: str | None = None
+    model: Model | str | Path,
+    data: DataConfig | dict | str = "mnist1d",
+    *,
+    target: str | None = None,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a model (or model dir) on `data`: the test split of a built-in dataset, or every
     row of a user's file / store (cleaned as at training: rows with missing values are dropped).
 
     Classification gives test_accuracy and test_loss (cross-entropy); regression test_loss (MSE),
     test_rmse and test_r2. `target` defaults to the column the model was trained on.
+    `trust_code=True` allows a model dir whose architecture is a `module:function` spec to import it.
     """
-    m = _model(model)
+    m = _model(model, trust_code)
     if isinstance(data, str):
         data = DataConfig(name=data)
     elif isinstance(data, dict):
@@ -94,6 +99,7 @@ def predict(
     address: str | None = None,
     batch_size: int = 65536,
     output: str | Path | None = None,
+    trust_code: bool = False,
 ) -> np.ndarray:
     """Predicted class indices for each row of `x` (or class probabilities with `probabilities=True`).
 
@@ -101,13 +107,15 @@ def predict(
     model). `workers > 1` splits the rows over that many processes of `backend` ('local' or 'ray' at
     `address`), each loading the model once; the rows come back in input order, identical to
     `workers=1`. `output` also writes them to a .parquet or .csv file (see hpcml.parallel.predict).
+    `trust_code=True` allows a model dir whose architecture is a `module:function` spec to import it
+    (in every worker; the module must be importable there: PYTHONPATH or installed).
     """
     if isinstance(x, str | Path) or workers != 1 or backend != "local" or output is not None:
         from hpcml.parallel.predict import predict_parallel
 
         return predict_parallel(
             model, x, workers=workers, backend=backend, address=address, batch_size=batch_size,
-            probabilities=probabilities, output=output,
+            probabilities=probabilities, output=output, trust_code=trust_code,
         )  # fmt: skip
-    m = _model(model)
+    m = _model(model, trust_code)
     return m.predict_proba(x, batch_size=batch_size) if probabilities else m.predict(x, batch_size=batch_size)

@@ -26,6 +26,11 @@ app = typer.Typer(
 )
 
 _STATE = {"debug": False}
+_TRUST_CODE = typer.Option(
+    "--trust-code",
+    help="Allow a model dir whose architecture is your own module:function to import that module "
+    "(it runs its code). Built-in and installed plugin models never need this.",
+)
 
 
 def _version(value: bool) -> None:
@@ -121,6 +126,7 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     "  hpcml train --data digits --model cnn2d --epochs 30\n\n"
     "  hpcml train --optimizer gd --lr 0.5 --epochs 200       # full-batch gradient descent\n\n"
     "  hpcml train --data synthetic --rows 100000 --features 64 --model mlp --model-kw hidden=512\n\n"
+    "  hpcml train --data digits --layout flat --model mynets:build --model-kw width=128   # your own\n\n"
     "  hpcml train --data houses.csv --target price --missing median     # regression on your CSV\n\n"
     "  hpcml train --data stores/big --memory-budget 64MB                 # streams a larger store\n\n"
     "  hpcml train --config runs/X/config.yaml                # re-run a past run exactly\n\n"
@@ -161,7 +167,13 @@ def train(
         str | None,
         typer.Option(help="Stores larger than this stream from disk (e.g. 64MB; default 25% RAM)."),
     ] = None,
-    model: Annotated[str | None, typer.Option(help="Model: auto, mlp, cnn1d, cnn2d.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model: auto, mlp, cnn1d, cnn2d, an installed plugin (hpcml models), or your own "
+            "module:function returning an nn.Module (importable: on PYTHONPATH or installed)."
+        ),
+    ] = None,
     model_kw: Annotated[
         list[str] | None, typer.Option("--model-kw", help="Model argument KEY=VALUE (repeatable).")
     ] = None,
@@ -330,7 +342,8 @@ def _show(run, *, json_: bool, quiet: bool, node_rank: int) -> None:
 @app.command(
     help="Evaluate a saved model dir on the test split of a built-in dataset, or on every row of a file.\n\n"
     "Examples:\n\n  hpcml evaluate runs/demo/model --data mnist1d --json\n\n"
-    "  hpcml evaluate runs/houses/model --data holdout.csv",
+    "  hpcml evaluate runs/houses/model --data holdout.csv\n\n"
+    "  hpcml evaluate runs/mine/model --data digits --trust-code   # trained with --model mynets:build",
 )
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="A model dir (model.safetensors + model.json).")],
@@ -342,13 +355,14 @@ def evaluate(
     missing: Annotated[
         str, typer.Option(help="Rows with missing values: drop, mean, median, error.")
     ] = "drop",
+    trust_code: Annotated[bool, _TRUST_CODE] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     from hpcml.api import evaluate as api_evaluate
     from hpcml.config import build_config
 
     cfg = build_config({"data": {"name": data, "missing": missing}}, source="flags").data
-    result = api_evaluate(model_dir, cfg, target=target)
+    result = api_evaluate(model_dir, cfg, target=target, trust_code=trust_code)
     if json_:
         typer.echo(json.dumps(result, indent=2))
     elif result["task"] == "regression":
@@ -374,6 +388,10 @@ _register_tasks(app)
 from hpcml.cli_bench import register as _register_bench  # noqa: E402  (`hpcml bench`; no torch)
 
 _register_bench(app)
+
+from hpcml.cli_models import register as _register_models  # noqa: E402  (`hpcml models`; no torch)
+
+_register_models(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,8 @@ PREDICT_HELP = (
     "Examples:\n\n"
     "  hpcml predict runs/demo/model --input data.parquet --output preds.parquet --workers 4\n\n"
     "  hpcml predict runs/demo/model --input s3://bucket/x.csv --output preds.csv --probabilities\n\n"
-    "  hpcml predict runs/demo/model --input stores/big --output p.parquet --backend ray --json"
+    "  hpcml predict runs/demo/model --input stores/big --output p.parquet --backend ray --json\n\n"
+    "  hpcml predict runs/mine/model --input new.csv --output p.parquet --trust-code   # model mynets:build"
 )
 
 
@@ -139,6 +140,14 @@ def predict(
     probabilities: Annotated[
         bool, typer.Option("--probabilities", help="Add a prob_<class> column per class.")
     ] = False,
+    trust_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-code",
+            help="Allow a model dir whose architecture is your own module:function to import that module "
+            "(in every worker: on PYTHONPATH or installed). Built-in and plugin models never need this.",
+        ),
+    ] = False,
     json_: Annotated[bool, _JSON] = False,
 ) -> None:
     from hpcml.parallel.predict import predict_parallel
@@ -146,7 +155,7 @@ def predict(
     stats: dict[str, Any] = {}
     predict_parallel(
         model_dir, input, workers=workers, backend=backend, address=address, batch_size=batch_size,
-        probabilities=probabilities, output=output, stats=stats,
+        probabilities=probabilities, output=output, stats=stats, trust_code=trust_code,
     )  # fmt: skip
     result = {"model": str(model_dir), "input": stats["source"], "output": str(output), "workers": workers,
               "backend": backend, "rows": stats["rows"], "seconds": stats["seconds"],

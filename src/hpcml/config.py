@@ -80,7 +80,9 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """An architecture from the registry (`hpcml.models.list_models()`) and its keyword arguments."""
+    """The model: `auto`, a built-in or installed plugin name (`hpcml models`), or a spec
+    `module:function` naming your own factory `f(input_shape, num_outputs, **kwargs) -> nn.Module`;
+    `kwargs` are passed to it."""
 
     name: str = "auto"
     kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -88,10 +90,11 @@ class ModelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from hpcml.models.registry import MODEL_NAMES
+        from hpcml.models.registry import name_problem  # checks syntax and names; imports nothing
 
-        if v != "auto" and v not in MODEL_NAMES:
-            raise ValueError(f"unknown model {v!r}; valid: auto, {', '.join(MODEL_NAMES)}")
+        problem = None if v == "auto" else name_problem(v)
+        if problem:
+            raise ValueError(problem.replace("valid: ", "valid: auto, ", 1))
         return v
 
 

@@ -39,7 +39,7 @@ def test_linear_flops_are_2mnk_forward_and_3x_with_backward():
 
 def test_mlp_flops_match_the_analytic_count():
     m, d0, h, c = 16, 40, 128, 10
-    model = create_model("mlp", input_shape=(d0,), num_classes=c, hidden=h, depth=2)
+    model = create_model("mlp", input_shape=(d0,), num_outputs=c, hidden=h, depth=2)
     x, y = torch.randn(m, d0), torch.randint(0, c, (m,))
     layers = [(d0, h), (h, h), (h, c)]
     fwd = sum(2 * m * a * b for a, b in layers)

@@ -11,10 +11,10 @@ import signal
 import numpy as np
 import pytest
 import torch
+from hpcml_testkit import spec
 from safetensors.torch import load_file
 
 import hpcml
-from hpcml_testkit import spec
 from hpcml.data import store
 
 

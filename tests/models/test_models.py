@@ -18,7 +18,7 @@ from hpcml.models import create_model, default_model_for, list_models
 )
 def test_forward_backward(name, shape):
     torch.manual_seed(0)
-    model = create_model(name, input_shape=shape, num_classes=7)
+    model = create_model(name, input_shape=shape, num_outputs=7)
     x = torch.randn(5, *shape)
     out = model(x)
     assert out.shape == (5, 7)
@@ -34,17 +34,17 @@ def test_registry_and_defaults():
     assert default_model_for("sequence") == "cnn1d"
     assert default_model_for("image") == "cnn2d"
     assert default_model_for("tabular") == "mlp"
-    assert create_model("cnn1d", input_shape=(1, 40), num_classes=10).head.in_features == 64 * 5
+    assert create_model("cnn1d", input_shape=(1, 40), num_outputs=10).head.in_features == 64 * 5
 
 
 def test_bad_model_inputs():
     with pytest.raises(UsageError, match="unknown model 'resnet'; valid: mlp, cnn1d, cnn2d"):
-        create_model("resnet", input_shape=(4,), num_classes=2)
+        create_model("resnet", input_shape=(4,), num_outputs=2)
     with pytest.raises(UsageError, match="cnn2d needs inputs of 2 or 3 dims"):
-        create_model("cnn2d", input_shape=(40,), num_classes=2)
+        create_model("cnn2d", input_shape=(40,), num_outputs=2)
     with pytest.raises(UsageError, match="unexpected keyword argument 'widht'"):
-        create_model("mlp", input_shape=(4,), num_classes=2, widht=3)
+        create_model("mlp", input_shape=(4,), num_outputs=2, widht=3)
     with pytest.raises(UsageError, match=r"model mlp: kwargs\.hidden must be a whole number, got 64\.0"):
-        create_model("mlp", input_shape=(4,), num_classes=2, hidden=64.0)
+        create_model("mlp", input_shape=(4,), num_outputs=2, hidden=64.0)
     with pytest.raises(UsageError, match=r"model cnn1d: kwargs\.channels must be a whole number, got True"):
-        create_model("cnn1d", input_shape=(1, 40), num_classes=2, channels=True)
+        create_model("cnn1d", input_shape=(1, 40), num_outputs=2, channels=True)

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import yaml
+from hpcml_testkit import spec
 
 import hpcml
 from hpcml.config import DataConfig, build_config, load_config
@@ -17,7 +18,6 @@ from hpcml.data.folds import apply_folds
 from hpcml.data.sources import load_dataset
 from hpcml.errors import HpcmlError, UsageError
 from hpcml.parallel.sweep import _points, parse_params, resolve_name
-from hpcml_testkit import spec
 from hpcml.parallel.tasks import Runner, Task
 
 BASE = {
@@ -99,7 +99,9 @@ def test_killed_job_is_retried_and_config_error_is_neither_retried_nor_ranked(tm
     # classes=3 SIGKILLs its own process on the first attempt; classes=40 is too many for 8 features:
     # a UsageError at run time, the same on every attempt, so it is not retried
     (tmp_path / "marks").mkdir()
-    fault = spec("JobFault", match={"data.classes": 3}, action="kill-first", marker_dir=str(tmp_path / "marks"))
+    fault = spec(
+        "JobFault", match={"data.classes": 3}, action="kill-first", marker_dir=str(tmp_path / "marks")
+    )
     base = {**BASE, "callbacks": [fault]}
     res = hpcml.sweep(base, params={"classes": [3, 4, 40]}, workers=2, retries=1, out=tmp_path / "s")
     *ok, failed = res.rows

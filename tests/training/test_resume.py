@@ -4,16 +4,15 @@ encryption of the model dir. Each is compared with an uninterrupted run (torch.e
 from __future__ import annotations
 
 import json
-import os
 import signal
 
 import pytest
 import torch
 import yaml
+from hpcml_testkit import TraceSamples, spec
 from safetensors.torch import load_file
 
 import hpcml
-from hpcml_testkit import TraceSamples, spec
 
 KEY = "11" * 32  # a test key (hex); real keys come from a 0600 file
 

@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 import yaml
+from hpcml_testkit import spec
 from safetensors.torch import load_file
 
 import hpcml
-from hpcml_testkit import spec
 from hpcml.errors import UsageError
 
 
@@ -51,7 +51,11 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path
 def test_a_killed_run_leaves_no_lock_behind(tmp_path, small_cfg, cli):
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
-    faulty = {**small_cfg, "checkpoint": {"every": "5"}, "callbacks": [spec("FailAt", rank=0, step=12, mode="kill")]}
+    faulty = {
+        **small_cfg,
+        "checkpoint": {"every": "5"},
+        "callbacks": [spec("FailAt", rank=0, step=12, mode="kill")],
+    }
     cfg.write_text(yaml.safe_dump(faulty))
     killed = _popen("train", "--config", str(cfg), "--out", str(out), "--quiet")
     killed.communicate(timeout=300)

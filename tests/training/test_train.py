@@ -89,7 +89,7 @@ def test_loop_matches_plain_pytorch(tmp_path, small_cfg):
     run = hpcml.train(cfg, out=tmp_path / "run")
     ds = load_dataset(TrainConfig.model_validate(cfg).data)
     torch.manual_seed(0)
-    model = create_model("mlp", input_shape=(8,), num_classes=3, hidden=32)
+    model = create_model("mlp", input_shape=(8,), num_outputs=3, hidden=32)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = torch.from_numpy(ds.x_train), torch.from_numpy(ds.y_train)
     order = DeviceBatches(x, y, batch_size=64, seed=0)

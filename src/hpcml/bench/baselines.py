@@ -63,7 +63,7 @@ def run_plain(
     dev = torch.device(device)
     x_tr, y_tr, x_te, y_te = (t.to(dev) for t in data)
     torch.manual_seed(seed)
-    model = create_model(model_name, input_shape=tuple(x_tr.shape[1:]), num_classes=10).to(dev)
+    model = create_model(model_name, input_shape=tuple(x_tr.shape[1:]), num_outputs=10).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     loss_fn = nn.CrossEntropyLoss()
     loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=batch_size, shuffle=True)
@@ -133,7 +133,7 @@ def run_lightning(
     torch.set_num_threads(threads)
     x_tr, y_tr, x_te, y_te = data
     torch.manual_seed(seed)
-    net = create_model(model_name, input_shape=tuple(x_tr.shape[1:]), num_classes=10)
+    net = create_model(model_name, input_shape=tuple(x_tr.shape[1:]), num_outputs=10)
 
     class Classifier(pl.LightningModule):
         def __init__(self):

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from hpcml.bench.flops import train_step_flops
 from hpcml.bench.timers import now

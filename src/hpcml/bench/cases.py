@@ -286,7 +286,7 @@ def mfu(ctx: Context) -> dict[str, Any]:
 
     cfg = mfu_config(ctx, rows=ctx.suite.mfu_rows, epochs=ctx.suite.mfu_epochs)
     kw = cfg["model"]["kwargs"]
-    model = create_model("mlp", input_shape=(cfg["data"]["features"],), num_classes=10, **kw)
+    model = create_model("mlp", input_shape=(cfg["data"]["features"],), num_outputs=10, **kw)
     b = cfg["batch_size"]
     step_flops = train_step_flops(model, torch.randn(b, cfg["data"]["features"]), torch.randint(0, 10, (b,)))
     flops_per_sample = step_flops / b

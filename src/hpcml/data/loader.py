@@ -110,7 +110,9 @@ class FullBatches:
     over the whole set (the accumulation path of the step computes it, all-reducing on the last chunk).
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, rank: int = 0, world_size: int = 1, chunk: int = 16384):
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, *, rank: int = 0, world_size: int = 1, chunk: int = 16384
+    ):
         shard = torch.tensor_split(torch.arange(len(x)), world_size)[rank].to(x.device)
         self.x, self.y = x.index_select(0, shard), y.index_select(0, shard)
         self.total, self.world_size, self.chunk = len(x), world_size, chunk

@@ -19,7 +19,7 @@ class CNN1d(nn.Module):
     (plain Adam, batch 100, 150 epochs), so the default is 64 (reaches 94-96% in under 30 epochs).
     """
 
-    def __init__(self, *, input_shape: tuple[int, ...], num_classes: int, channels: int = 64):
+    def __init__(self, *, input_shape: tuple[int, ...], num_outputs: int, channels: int = 64):
         super().__init__()
         self.shape = _as_channels_first(input_shape, 1, "cnn1d")
         c = self.shape[0]
@@ -34,7 +34,7 @@ class CNN1d(nn.Module):
         )
         with torch.no_grad():
             width = self.features(torch.zeros(1, *self.shape)).shape[1]
-        self.head = nn.Linear(width, num_classes)
+        self.head = nn.Linear(width, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.view(x.shape[0], *self.shape)))
@@ -43,7 +43,7 @@ class CNN1d(nn.Module):
 class CNN2d(nn.Module):
     """A small conv net for small images (digits 8x8 and up)."""
 
-    def __init__(self, *, input_shape: tuple[int, ...], num_classes: int, channels: int = 32):
+    def __init__(self, *, input_shape: tuple[int, ...], num_outputs: int, channels: int = 32):
         super().__init__()
         self.shape = _as_channels_first(input_shape, 2, "cnn2d")
         c = self.shape[0]
@@ -58,7 +58,7 @@ class CNN2d(nn.Module):
             nn.AdaptiveAvgPool2d(2),
             nn.Flatten(),
         )
-        self.head = nn.Linear(2 * channels * 4, num_classes)
+        self.head = nn.Linear(2 * channels * 4, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.view(x.shape[0], *self.shape)))

@@ -1,4 +1,5 @@
-"""The model dir: `model.safetensors` + `model.json`. No pickle; only registry names are built.
+"""The model dir: `model.safetensors` + `model.json`. No pickle; code named in model.json (a
+`module:function` architecture) is imported only with `trust_code=True`.
 
 model.json holds the architecture name and kwargs, input shape, classes, preprocessing stats and the
 sha256 of the weights file, which is checked on every load. A model dir is untrusted input: load_model
@@ -28,9 +29,16 @@ from torch import nn
 from hpcml._files import fsync_dir, sha256_file  # noqa: F401  (re-exported)
 from hpcml.data.preprocess import Normalizer
 from hpcml.errors import HpcmlError, UsageError
-from hpcml.models.registry import create_model
-from hpcml.models.schema import FORMAT, MAX_META_BYTES, validate_meta, validate_sealed
-from hpcml.models.weights import check_header, expected_state, read_regular, weights_limit
+from hpcml.models.registry import check_trust, create_model
+from hpcml.models.schema import FORMAT, MAX_META_BYTES, ModelMeta, validate_meta, validate_sealed
+from hpcml.models.weights import (
+    bounded_state,
+    check_header,
+    declared_limit,
+    expected_state,
+    read_regular,
+    weights_limit,
+)
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin")
 
@@ -189,13 +197,23 @@ def refuse_pickle(path: Path) -> None:
         )
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu", key: bytes | None = None) -> Model:
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    key: bytes | None = None,
+    trust_code: bool = False,
+) -> Model:
     """Load a model dir, verifying the weights' sha256 against model.json. An encrypted dir needs
     `key` or HPCML_KEY_FILE / HPCML_KEY in the environment.
 
     Nothing the dir declares is allocated before it is checked: model.json is read only if it is a
     regular file of at most 4 MiB and validated as a schema (models/schema.py); the architecture is
-    built on the meta device and compared with the weights' header (models/weights.py)."""
+    built on the meta device and compared with the weights' header (models/weights.py).
+
+    An architecture that is a `module:function` spec names code outside hpcml: it is imported only
+    with `trust_code=True`; without it the load fails, naming the module, before anything is imported.
+    Built-in and installed plugin architectures need no trust."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -209,9 +227,43 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", key: byt
             raise HpcmlError(f"{path}: incomplete model dir, {f.name} is missing")
     meta, key = _read_meta(meta_path, key)
     spec = validate_meta(meta, meta_path)
-    expected = expected_state(spec, meta_path)
-    limit = weights_limit(expected, encrypted=key is not None)
-    blob = read_regular(weights, limit=limit, why="the size the architecture in model.json needs")
+    check_trust(spec.architecture, trust_code, what=str(meta_path))
+    blob, expected = _read_weights(spec, weights, key, trust_code=trust_code)
+    try:
+        state = load(blob)
+    except SafetensorError as err:
+        raise HpcmlError(f"{weights}: unreadable safetensors file ({err})") from None
+    try:
+        module = create_model(
+            spec.architecture, input_shape=tuple(spec.input_shape), num_outputs=spec.num_outputs,
+            trust_code=trust_code, **spec.kwargs,
+        )  # fmt: skip
+    except UsageError as err:  # a user model that fails on the CPU too
+        raise UsageError(f"{meta_path}: {err}") from None
+    if expected is None:  # not buildable on meta: compared now, the file already bounded by its header
+        check_header(blob, bounded_state(module, spec, meta_path), weights)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise HpcmlError(f"{weights}: weights do not fit {spec.architecture}: {err}") from None
+    return Model(module.to(device), meta)
+
+
+def _read_weights(
+    spec: ModelMeta, weights: Path, key: bytes | None, *, trust_code: bool
+) -> tuple[bytes, dict[str, torch.Tensor] | None]:
+    """(the decrypted safetensors bytes, the architecture's meta state or None if it cannot be built
+    on meta). The file is read only up to the size the architecture (or else its header) allows,
+    its sha256 checked, and its header compared with the meta state when there is one."""
+    where = weights.parent / "model.json"
+    expected = expected_state(spec, where, trust_code=trust_code)
+    if expected is not None:
+        limit = weights_limit(expected, encrypted=key is not None)
+        why = "the size the architecture in model.json needs"
+    else:
+        limit = declared_limit(weights, encrypted=key is not None)
+        why = "the size its own header declares"
+    blob = read_regular(weights, limit=limit, why=why)
     digest = hashlib.sha256(blob).hexdigest()
     if digest != spec.weights_sha256:
         raise HpcmlError(
@@ -222,19 +274,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", key: byt
         from hpcml.training.crypto import decrypt_bytes
 
         blob = decrypt_bytes(blob, key, aad=b"model/model.safetensors", name=str(weights))
-    check_header(blob, expected, weights)
-    try:
-        state = load(blob)
-    except SafetensorError as err:
-        raise HpcmlError(f"{weights}: unreadable safetensors file ({err})") from None
-    module = create_model(
-        spec.architecture, input_shape=tuple(spec.input_shape), num_classes=spec.num_outputs, **spec.kwargs
-    )
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        raise HpcmlError(f"{weights}: weights do not fit {spec.architecture}: {err}") from None
-    return Model(module.to(device), meta)
+    if expected is not None:
+        check_header(blob, expected, weights)
+    return blob, expected
 
 
 def _read_meta(meta_path: Path, key: bytes | None) -> tuple[dict[str, Any], bytes | None]:

@@ -12,7 +12,7 @@ class MLP(nn.Sequential):
         self,
         *,
         input_shape: tuple[int, ...],
-        num_classes: int,
+        num_outputs: int,
         hidden: int = 256,
         depth: int = 2,
         dropout: float = 0.0,
@@ -26,5 +26,5 @@ class MLP(nn.Sequential):
             if dropout:
                 layers.append(nn.Dropout(dropout))
             width = hidden
-        layers.append(nn.Linear(width, num_classes))
+        layers.append(nn.Linear(width, num_outputs))
         super().__init__(*layers)

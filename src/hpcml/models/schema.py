@@ -3,7 +3,9 @@
 A model dir may come from anyone, so every number in model.json that sizes an allocation is bounded
 here (input shape, outputs) and every list that must match another (classes and outputs, features and
 inputs, normalization stats and inputs) is compared. Errors name the file and the field. The weights'
-header is compared with the architecture afterwards, in models/weights.py.
+header is compared with the architecture afterwards, in models/weights.py. The architecture is a
+built-in name, an installed plugin name or a `module:function` spec; a spec is only checked for its
+syntax here (load_model imports it only with trust_code=True).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
 from hpcml.errors import HpcmlError
-from hpcml.models.registry import MODEL_NAMES
+from hpcml.models.registry import name_problem
 
 FORMAT = "hpcml.model/1"
 MAX_META_BYTES = 4 << 20  # the largest real model.json (per-feature stats of wide tables) is far smaller
@@ -126,11 +128,9 @@ def validate_meta(meta: Any, where: Any) -> ModelMeta:
 
 def _inconsistency(m: ModelMeta) -> str | None:
     """The first field that contradicts another one (or a limit), described; None if all agree."""
-    if m.architecture not in MODEL_NAMES:
-        return (
-            f"architecture {m.architecture!r} is not a registered hpcml model ({', '.join(MODEL_NAMES)}); "
-            "hpcml does not import code named in a model file"
-        )
+    problem = name_problem(m.architecture)  # syntax and installed names only: nothing is imported
+    if problem:
+        return f"architecture: {problem}"
     values = math.prod(m.input_shape)
     if values > MAX_INPUT_VALUES:
         return (

@@ -4,7 +4,9 @@ Files are read only when they are regular files (never a device, FIFO or directo
 symlink) and only up to a limit known beforehand. The architecture in model.json is built on the
 `meta` device (shapes, no memory), its parameter count bounded, and the weights' safetensors header
 (8-byte little-endian length, JSON: dtype, shape, data_offsets per tensor) is compared with it tensor
-by tensor before the real module is allocated.
+by tensor before the real module is allocated. A plugin or `module:function` model that cannot be
+built on `meta` is compared after its CPU build instead, its weights file first bounded by the size
+its own header declares (and the same caps).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import Any
 import torch
 
 from hpcml.errors import HpcmlError, UsageError
-from hpcml.models.registry import create_model
+from hpcml.models.registry import MODEL_NAMES, ModelBuildError, create_model
 from hpcml.models.schema import ModelMeta
 
 MAX_PARAMETERS = 1 << 32  # 16 GiB of float32: far above any model hpcml trains, far below "all memory"
+MAX_HEADER_BYTES = 16 << 20  # tensor names and shapes of ~60,000 tensors; only when not built on meta
 ENCRYPTION_OVERHEAD = 64  # magic + nonce + tag of crypto.encrypt_bytes (36 bytes), rounded up
 
 _DTYPES = {
@@ -47,9 +50,8 @@ def _refuse_irregular(path: Path, mode: int) -> None:
     raise HpcmlError(f"{path}: not a regular file: {kind}{via}; refusing to read it")
 
 
-def read_regular(path: Path, *, limit: int, why: str) -> bytes:
-    """The bytes of `path` if it is a regular file of at most `limit` bytes (`why` explains the
-    limit in the error). A symlink to a regular file is followed; to anything else, refused."""
+def _open_regular(path: Path):
+    """An open binary file of `path` if it is a regular file (a symlink to one is followed)."""
     try:
         _refuse_irregular(path, os.stat(path).st_mode)
         # O_NONBLOCK: a FIFO swapped in after the stat cannot block the open; fstat then refuses it
@@ -58,30 +60,55 @@ def read_regular(path: Path, *, limit: int, why: str) -> bytes:
         raise HpcmlError(f"{path.parent}: incomplete model dir, {path.name} is missing") from None
     except PermissionError as err:
         raise HpcmlError(f"{path}: cannot read it ({err.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        _refuse_irregular(path, st.st_mode)
-        if st.st_size > limit:
-            raise HpcmlError(f"{path}: {st.st_size:,} bytes, more than {limit:,} ({why})")
+    f = os.fdopen(fd, "rb")
+    try:
+        _refuse_irregular(path, os.fstat(f.fileno()).st_mode)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def read_regular(path: Path, *, limit: int, why: str) -> bytes:
+    """The bytes of `path` if it is a regular file of at most `limit` bytes (`why` explains the
+    limit in the error). A symlink to a regular file is followed; to anything else, refused."""
+    with _open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise HpcmlError(f"{path}: {size:,} bytes, more than {limit:,} ({why})")
         data = f.read(limit + 1)
     if len(data) > limit:  # it grew after the fstat
         raise HpcmlError(f"{path}: more than {limit:,} bytes ({why})")
     return data
 
 
-def expected_state(meta: ModelMeta, where: Path) -> dict[str, torch.Tensor]:
+def expected_state(
+    meta: ModelMeta, where: Path, *, trust_code: bool = False
+) -> dict[str, torch.Tensor] | None:
     """The architecture's state_dict as meta tensors (shapes and dtypes, no storage), built from
-    model.json; its parameter count bounded."""
+    model.json; its parameter count bounded. None when a plugin or spec model cannot be built on
+    the meta device: the caller then bounds the weights by their own header (`declared_limit`) and
+    compares them with the model after building it on the CPU."""
     try:
         with torch.device("meta"):
             module = create_model(
                 meta.architecture,
                 input_shape=tuple(meta.input_shape),
-                num_classes=meta.num_outputs,
+                num_outputs=meta.num_outputs,
+                trust_code=trust_code,
                 **meta.kwargs,
             )
+    except ModelBuildError:  # the user's factory needs real tensors (e.g. it computes with them)
+        return None
     except UsageError as err:
-        raise HpcmlError(f"{where}: kwargs: {err}") from None
+        if meta.architecture in MODEL_NAMES:
+            raise HpcmlError(f"{where}: kwargs: {err}") from None
+        raise UsageError(f"{where}: {err}") from None
+    return bounded_state(module, meta, where)
+
+
+def bounded_state(module: torch.nn.Module, meta: ModelMeta, where: Path) -> dict[str, torch.Tensor]:
+    """module.state_dict(), refused if it has more than MAX_PARAMETERS values."""
     state = dict(module.state_dict())
     total = sum(t.numel() for t in state.values())
     if total > MAX_PARAMETERS:
@@ -90,6 +117,41 @@ def expected_state(meta: ModelMeta, where: Path) -> dict[str, torch.Tensor]:
             f"has {total:,} parameters, more than the {MAX_PARAMETERS:,} hpcml loads"
         )
     return state
+
+
+def declared_limit(path: Path, *, encrypted: bool) -> int:
+    """The most bytes to read of a weights file whose architecture could not be built on `meta`:
+    what its own header declares (header at most MAX_HEADER_BYTES, data at most MAX_PARAMETERS
+    values). An encrypted file's header is only readable after decryption, and its sha256 is
+    authenticated by the key: it is bounded by the caps alone."""
+    if encrypted:
+        return 8 + MAX_HEADER_BYTES + 8 * MAX_PARAMETERS + ENCRYPTION_OVERHEAD
+    with _open_regular(path) as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER_BYTES:
+            raise HpcmlError(
+                f"{path}: the safetensors header claims {n:,} bytes, more than {MAX_HEADER_BYTES:,}"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise HpcmlError(f"{path}: unreadable safetensors header ({type(err).__name__})") from None
+    if not isinstance(header, dict):
+        raise HpcmlError(f"{path}: the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    values = end = 0
+    for name, info in header.items():
+        info = info if isinstance(info, dict) else {}
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (_ints(shape) and _ints(offsets) and len(offsets) == 2):
+            raise HpcmlError(f"{path}: tensor {name!r}: malformed header entry")
+        values, end = values + math.prod(shape), max(end, offsets[1])
+    if values > MAX_PARAMETERS or end > 8 * MAX_PARAMETERS:
+        raise HpcmlError(
+            f"{path}: the header declares {values:,} values, more than the {MAX_PARAMETERS:,} hpcml loads"
+        )
+    return 8 + n + end
 
 
 def weights_limit(state: dict[str, torch.Tensor], *, encrypted: bool) -> int:

@@ -116,7 +116,9 @@ def _elastic_log_level(level: int) -> Iterator[None]:
             lg.setLevel(old)
 
 
-def check_launch(cfg: TrainConfig, *, nproc: int, nnodes: int, node_rank: int, rdzv_endpoint: str | None) -> None:
+def check_launch(
+    cfg: TrainConfig, *, nproc: int, nnodes: int, node_rank: int, rdzv_endpoint: str | None
+) -> None:
     """Refuse a launch that cannot work before anything starts or is written (exit 2)."""
     if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
         raise UsageError(

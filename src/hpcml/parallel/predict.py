@@ -41,13 +41,15 @@ def predict_parallel(
     probabilities: bool = False,
     output: str | Path | None = None,
     stats: dict[str, Any] | None = None,
+    trust_code: bool = False,
 ) -> np.ndarray:
     """Predict every row of `data` with the model in `model_dir` on `workers` processes.
 
     Returns class indices (into `model.classes`), class probabilities (N, C) with `probabilities=True`,
     or the predicted values of a regression model; with `output`, also writes them to that .parquet or
     .csv file. `workers=1` on the local backend predicts in this process. `stats`, if given, is filled
-    with rows, seconds and rows_per_second.
+    with rows, seconds and rows_per_second. `trust_code=True` lets this process and every worker
+    import the `module:function` a model dir names (it must be importable there).
     """
     from hpcml.models.io import Model, load_model
 
@@ -63,7 +65,9 @@ def predict_parallel(
             raise UsageError("parallel predict needs the model dir (each worker loads it), not a Model")
         model = model_dir
     else:
-        model = load_model(model_dir)  # verified here first: a bad dir fails before any worker starts
+        model = load_model(
+            model_dir, trust_code=trust_code
+        )  # verified here first: a bad dir fails before any worker starts
     regression = model.meta.get("task") == "regression"
     if probabilities and regression:
         raise UsageError("probabilities are for classification models; this model is a regression model")
@@ -82,7 +86,9 @@ def predict_parallel(
             torch.set_num_threads(before)
     else:
         where = str(Path(model_dir).absolute())  # workers may run elsewhere (Ray has its own cwd)
-        result = _predict_sharded(runner, where, x, batch_size=batch_size, probabilities=probabilities)
+        result = _predict_sharded(
+            runner, where, x, batch_size=batch_size, probabilities=probabilities, trust_code=trust_code
+        )
     if output is not None:
         write_output(output, result, model=model, probabilities=probabilities, fmt=out_fmt)
     if stats is not None:
@@ -111,12 +117,12 @@ def _predict_sharded(runner: Runner, model_dir: str, x: np.ndarray, **kw: Any) -
 
 def predict_shard(
     *, model_dir: str, data: Any, start: int, stop: int, batch_size: int, probabilities: bool, threads: int,
-    attempt: int,
+    attempt: int, trust_code: bool = False,
 ) -> np.ndarray:  # fmt: skip
     """In a worker: load the model once, predict rows [start, stop) of the shared input."""
     from hpcml.models.io import load_model
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, trust_code=trust_code)
     with attached(data) as arr:
         x = np.array(arr[start:stop])  # a private copy: the shared buffer can be released right away
     return _predict(model, x, batch_size=batch_size, probabilities=probabilities)

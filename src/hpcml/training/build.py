@@ -139,11 +139,15 @@ def make_module(cfg: TrainConfig, data: Dataset, model: ModelSource = None) -> n
         return create_model(
             cfg.model.name, input_shape=shape, num_outputs=outputs, trust_code=True, **cfg.model.kwargs
         )
-    if isinstance(model, nn.Module):
-        return model
-    from hpcml.models.registry import build_from_factory
+    from hpcml.models.registry import build_from_factory, check_output
 
-    return build_from_factory(model, name=cfg.model.name, input_shape=shape, num_outputs=outputs, **cfg.model.kwargs)
+    if isinstance(model, nn.Module):
+        check_output(cfg.model.name, model, shape, outputs)
+        return model
+
+    return build_from_factory(
+        model, name=cfg.model.name, input_shape=shape, num_outputs=outputs, **cfg.model.kwargs
+    )
 
 
 def _in_memory(cfg: TrainConfig, data: Dataset, info: DistInfo, dev: torch.device, y_scale):
@@ -181,7 +185,11 @@ def _streamed(cfg: TrainConfig, data: Dataset, info: DistInfo, dev: torch.device
         raise UsageError("the gd optimizer needs the whole training set in memory; raise --memory-budget")
     common = {"target": st["target"], "features": st["features"], "missing": cfg.data.missing}
     normalizer = fit_normalizer_stream(
-        st["store"], method=cfg.data.normalize, shards=st["train"], per_feature=data.kind == "tabular", **common
+        st["store"],
+        method=cfg.data.normalize,
+        shards=st["train"],
+        per_feature=data.kind == "tabular",
+        **common,
     )
     batches = StreamBatches(
         st["store"], shards=st["train"], batch_size=cfg.batch_size, seed=cfg.seed, rank=info.rank,

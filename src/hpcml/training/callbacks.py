@@ -65,7 +65,9 @@ class Progress(Callback):
         )  # fmt: skip
         self.bar.start()
         total = run.steps_per_epoch * run.cfg.epochs
-        self.task = self.bar.add_task(f"epoch {state.epoch + 1}/{run.cfg.epochs}", total=total, completed=state.step)
+        self.task = self.bar.add_task(
+            f"epoch {state.epoch + 1}/{run.cfg.epochs}", total=total, completed=state.step
+        )
 
     def on_step_end(self, run, state, micro) -> None:
         if self.bar is not None:
@@ -74,7 +76,11 @@ class Progress(Callback):
     def on_epoch_end(self, run, state, row) -> None:
         if self.bar is None:
             return
-        score = f"test acc {row['test_accuracy']:.4f}" if "test_accuracy" in row else f"test R2 {row['test_r2']:.4f}"
+        score = (
+            f"test acc {row['test_accuracy']:.4f}"
+            if "test_accuracy" in row
+            else f"test R2 {row['test_r2']:.4f}"
+        )
         self.bar.update(
             self.task,
             description=f"epoch {row['epoch']}/{run.cfg.epochs}  loss {row['train_loss']:.4f}  {score}  "
@@ -111,7 +117,8 @@ class EarlyStopping(Callback):
         best = max(range(len(history)), key=history.__getitem__)
         if len(history) - 1 - best >= self.patience:
             state.stop = (
-                f"{key} has not improved for {self.patience} epoch(s) (best {history[best]:.4f} at epoch {best + 1})"
+                f"{key} has not improved for {self.patience} epoch(s) "
+                f"(best {history[best]:.4f} at epoch {best + 1})"
             )
 
 

@@ -82,7 +82,10 @@ def _epoch(run: Components, state: RunState, callbacks: Sequence[Callback]) -> d
         "lr": run.optimizer.param_groups[0]["lr"],
         "epoch_seconds": epoch_seconds,
         "elapsed_seconds": state.elapsed(),
-        "samples_per_second": run.n_train * (run.steps_per_epoch - start) / run.steps_per_epoch / epoch_seconds,
+        "samples_per_second": run.n_train
+        * (run.steps_per_epoch - start)
+        / run.steps_per_epoch
+        / epoch_seconds,
     }
     if run.regression:
         row["test_rmse"] = float(np.sqrt(te_loss))

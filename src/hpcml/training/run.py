@@ -113,7 +113,13 @@ def train(
         # with no --out the run dir is named after the data is loaded: run_process locks it then
         with RunDirLock(Path(out)) if out is not None else contextlib.nullcontext() as lock:
             return run_process(
-                cfg, out=out, quiet=quiet, resume=resume is not None, lock=lock, model=model, callbacks=callbacks
+                cfg,
+                out=out,
+                quiet=quiet,
+                resume=resume is not None,
+                lock=lock,
+                model=model,
+                callbacks=callbacks,
             )
     return _launch(cfg, out=out, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                    max_restarts=max_restarts, quiet=quiet, resume=resume is not None, model=model,
@@ -124,7 +130,9 @@ def _with_model_spec(cfg: TrainConfig, model: ModelSource) -> TrainConfig:
     """config.yaml and model.json name the factory (or the module's class) the caller passed."""
     target = type(model) if isinstance(model, nn.Module) else model
     if not callable(target) or not hasattr(target, "__qualname__"):
-        raise hpcml.UsageError(f"model= takes an nn.Module or a factory returning one, got {type(model).__name__}")
+        raise hpcml.UsageError(
+            f"model= takes an nn.Module or a factory returning one, got {type(model).__name__}"
+        )
     spec = f"{target.__module__}:{target.__qualname__}"
     values = cfg.model_dump(mode="json")
     values["model"]["name"] = spec
@@ -219,7 +227,11 @@ def _run(cfg, data, hw, info: DistInfo, *, out: Path, quiet, t_wall, resume, mod
     point = None
     if resume:
         point = find_resume_point(
-            ckpt_root, key=key, required=resume is True, layout=run.layout(), config=cfg.model_dump(mode="json")
+            ckpt_root,
+            key=key,
+            required=resume is True,
+            layout=run.layout(),
+            config=cfg.model_dump(mode="json"),
         )
     elif info.is_main:
         refuse_existing(ckpt_root)

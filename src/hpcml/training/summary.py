@@ -35,7 +35,9 @@ class RunDirWriter(Callback):
         self.run_dir.log_epoch(row)
 
     def on_train_end(self, run, state) -> None:
-        self.result = write_results(run, state, run_dir=self.run_dir, ckpt=self.ckpt, key=self.key, t_wall=self.t_wall)
+        self.result = write_results(
+            run, state, run_dir=self.run_dir, ckpt=self.ckpt, key=self.key, t_wall=self.t_wall
+        )
 
     def close(self) -> None:
         self.run_dir.close()
