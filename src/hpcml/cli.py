@@ -129,6 +129,7 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     "  hpcml train --data digits --layout flat --model mynets:build --model-kw width=128   # your own\n\n"
     "  hpcml train --data houses.csv --target price --missing median     # regression on your CSV\n\n"
     "  hpcml train --data stores/big --memory-budget 64MB                 # streams a larger store\n\n"
+    "  hpcml train --data x.csv --target y --val-fraction 0.1 --patience 3   # early stopping\n\n"
     "  hpcml train --config runs/X/config.yaml                # re-run a past run exactly\n\n"
     "  hpcml train --checkpoint-every 200 --out runs/long     # checkpoint every 200 steps\n\n"
     "  hpcml train --resume runs/long                         # continue after a crash, bit-exact\n\n"
@@ -193,6 +194,10 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Seed: same seed, same weights (CPU).")] = None,
     target_accuracy: Annotated[
         float | None, typer.Option(help="Stop once test accuracy reaches this.")
+    ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(help="Early stopping: stop after N epochs without a better validation metric."),
     ] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     compile: Annotated[str | None, typer.Option(help="auto, on or off (torch.compile).")] = None,
@@ -275,6 +280,7 @@ def train(
         "label_smoothing": label_smoothing,
         "seed": seed,
         "target_accuracy": target_accuracy,
+        "patience": patience,
         "precision": precision,
         "compile": compile,
         "device": device,

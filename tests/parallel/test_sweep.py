@@ -269,3 +269,21 @@ def test_ray_predict_matches_local(ray_instance, local_sweep):
     x = np.random.default_rng(0).normal(size=(3001, 8)).astype(np.float32)
     got = hpcml.predict(model_dir, x, workers=2, backend="ray", probabilities=True)
     np.testing.assert_array_equal(got, hpcml.predict(model_dir, x, probabilities=True))
+
+
+def test_user_model_sweep_local_and_ray_agree(ray_instance, tmp_path):
+    """A model defined in the tests (usernets:build), varied by its own kwarg, on both backends; its
+    run dirs predict on Ray workers only with trust_code."""
+    base = {**BASE, "model": {"name": "usernets:build", "kwargs": {"width": 8}}}
+    params = {"model.kwargs.width": [8, 16]}
+    local = hpcml.sweep(base, params=params, workers=2, out=tmp_path / "local")
+    ray = hpcml.sweep(base, params=params, workers=2, backend="ray", out=tmp_path / "ray")
+    assert local.failed == [] and ray.failed == [] and len(local.rows) == 2
+    assert _key(ray.rows) == _key(local.rows)
+    model_dir = local.dir / "runs" / local.best["jobs"][0] / "model"
+    assert json.loads((model_dir / "model.json").read_text())["architecture"] == "usernets:build"
+    x = np.random.default_rng(0).normal(size=(501, 8)).astype(np.float32)
+    with pytest.raises(UsageError, match=r"usernets:build.*--trust-code"):
+        hpcml.predict(model_dir, x, workers=2, backend="ray")
+    got = hpcml.predict(model_dir, x, workers=2, backend="ray", trust_code=True)
+    np.testing.assert_array_equal(got, hpcml.load_model(model_dir, trust_code=True).predict(x))
