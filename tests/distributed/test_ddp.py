@@ -75,6 +75,7 @@ def test_two_ranks_match_one_process_with_the_global_batch(tmp_path):
             torch.testing.assert_close(w[k], w1[k], **TOL)
     assert two.report["test_accuracy"] == pytest.approx(one.report["test_accuracy"], abs=2e-3)
     assert sorted(p.name for p in two.dir.iterdir()) == [
+        ".lock",  # held by the launching process while the ranks ran
         "checkpoints",
         "config.yaml",
         "curves.png",

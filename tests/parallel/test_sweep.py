@@ -129,17 +129,18 @@ def test_killed_job_is_retried_and_config_error_is_neither_retried_nor_ranked(tm
 def test_runner_retries_a_failure_but_not_a_usage_error(tmp_path):
     """The decision is made in the worker process and carried back in the Outcome."""
     bad = build_config({**BASE, "data": {**BASE["data"], "classes": 40}}).model_dump(mode="json")
-    good = build_config(BASE).model_dump(mode="json")
+    fault = spec("JobFault", match={}, action="fail-always", marker_dir=str(tmp_path))
+    good = build_config({**BASE, "callbacks": [fault]}).model_dump(mode="json")
     tasks = [
-        Task(name, "hpcml.parallel.sweep:run_job", {"config": cfg, "out": str(tmp_path / name), "hook": hook})
-        for name, cfg, hook in [("usage", bad, None), ("flaky", good, "fail-always")]
+        Task(name, "hpcml.parallel.sweep:run_job", {"config": cfg, "out": str(tmp_path / name)})
+        for name, cfg in [("usage", bad), ("flaky", good)]
     ]
     with Runner(workers=1) as runner:
         outcomes = runner.run(tasks, retries=2)
     usage, flaky = outcomes["usage"], outcomes["flaky"]
     assert not usage.ok and usage.attempts == 1 and usage.usage_error and "too many" in usage.error
     assert not flaky.ok and flaky.attempts == 3 and not flaky.usage_error
-    assert "injected failure" in flaky.error
+    assert "injected job failure" in flaky.error
 
 
 def test_bad_parameters_are_named(tmp_path):

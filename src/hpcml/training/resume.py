@@ -59,7 +59,7 @@ class ResumePoint:
 
 
 # Fields that change nothing the run computes: they may differ between a checkpoint and its resume.
-_FREE_TO_CHANGE = ("checkpoint.", "threads", "eval_batch_size")
+_FREE_TO_CHANGE = ("checkpoint.", "threads", "eval_batch_size", "callbacks")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

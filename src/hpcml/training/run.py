@@ -157,7 +157,9 @@ def _launch(cfg: TrainConfig, *, out, model, callbacks, **kw) -> Run | None:
     if out is None:
         out = default_run_dir(cfg, cfg.model.name)
     out = Path(out)
-    with RunDirLock(out):  # held by the launching process for all ranks and restarts
+    # held by the launching process of node 0 (the node that writes the run dir) for all ranks and
+    # restarts; other nodes may share the folder (shared storage) and never write it
+    with RunDirLock(out) if kw["node_rank"] == 0 else contextlib.nullcontext():
         done = launch(cfg, out=out, **kw)
     if not done:
         return None
