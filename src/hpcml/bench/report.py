@@ -7,11 +7,10 @@ end, so an interrupted or failed bench never leaves half-written results.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from hpcml._files import atomic_dir
 
 HEADER = ["case", "contender", "median", "min", "max", "runs", "note"]
 
@@ -236,17 +235,11 @@ def _save(fig, path: Path) -> Path:
 
 
 def write(result: dict[str, Any], out: Path, stem: str) -> list[Path]:
-    """Render JSON, Markdown and plots, then move them into `out` together."""
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".bench-", dir=out))
-    try:
+    """Render JSON, Markdown and plots, then move them into `out` together (nothing lands unless all
+    rendered; other results already in `out` stay)."""
+    with atomic_dir(out, merge=True) as staging:
         (staging / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         (staging / f"{stem}.md").write_text(markdown(result))
         _plots(result, staging, stem)
-        final = []
-        for f in sorted(staging.iterdir()):
-            os.replace(f, out / f.name)
-            final.append(out / f.name)
-        return final
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        names = sorted(f.name for f in staging.iterdir())
+    return [out / name for name in names]
