@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import hpcml
-from hpcml._files import atomic_dir, atomic_file, atomic_write, umask
+from hpcml._files import atomic_dir, atomic_file, atomic_write, save_figure, umask
 from hpcml.data import store
 
 
@@ -189,3 +189,23 @@ def test_atomic_dir_modes_follow_the_umask(tmp_path, mask, dir_mode, file_mode):
             _fill(tmp, a="1")
             (tmp / "sub").mkdir()
     assert _modes(tmp_path / "out") == ({dir_mode}, {file_mode})
+
+
+def test_save_figure_writes_png_atomically_and_closes_the_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    out = save_figure(fig, tmp_path / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and _entries(tmp_path) == ["curves.png"]
+    assert not plt.fignum_exists(fig.number)
+    (tmp_path / "taken.png").mkdir()
+    (tmp_path / "taken.png" / "keep").write_text("x")
+    fig2, _ = plt.subplots()
+    with pytest.raises(OSError):
+        save_figure(fig2, tmp_path / "taken.png")
+    assert not plt.fignum_exists(fig2.number)
+    assert _entries(tmp_path) == ["curves.png", "taken.png"]

@@ -19,10 +19,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 __all__ = [
-    "atomic_dir", "atomic_file", "atomic_write", "fsync_dir", "fsync_file", "make_temp_dir", "sha256_file",
-    "umask",
+    "atomic_dir", "atomic_file", "atomic_write", "fsync_dir", "fsync_file", "make_temp_dir", "save_figure",
+    "sha256_file", "umask",
 ]  # fmt: skip
 
 
@@ -109,6 +110,20 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         else:
             with open(tmp, "wb") as f:
                 f.write(data)
+
+
+def save_figure(fig: Any, path: Path, *, dpi: int = 100) -> Path:
+    """Lay out a matplotlib figure, render it to `path` atomically (the format from the suffix) and
+    close it, also on failure."""
+    import matplotlib.pyplot as plt  # lazy: only callers that draw pay for matplotlib
+
+    try:
+        fig.tight_layout()
+        with atomic_file(path) as tmp:  # the temporary keeps the suffix savefig reads the format from
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def _fsync_tree(root: Path) -> None:

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from hpcml._files import atomic_file, atomic_write
+from hpcml._files import atomic_write, save_figure
 
 _STATUS_ORDER = {"ok": 0, "partial": 1, "failed": 2}
 
@@ -169,10 +169,4 @@ def plot(rows: list[dict], params: list[str], metric: str, out: Path) -> Path | 
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{metric} vs swept parameters")
-    fig.tight_layout()
-    try:
-        with atomic_file(out) as tmp:  # ends in .png: savefig picks the format from it
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, out)

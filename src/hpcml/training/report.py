@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hpcml._files import atomic_file, atomic_write
+from hpcml._files import atomic_write, save_figure
 from hpcml.config import TrainConfig, dump_config
 from hpcml.errors import UsageError
 
@@ -124,10 +124,4 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path | None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    try:
-        with atomic_file(out) as tmp:  # ends in .png: savefig picks the format from it
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, out)
