@@ -7,11 +7,10 @@ end, so an interrupted or failed bench never leaves half-written results.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from hpcml._files import atomic_dir, save_figure
 
 HEADER = ["case", "contender", "median", "min", "max", "runs", "note"]
 
@@ -191,7 +190,7 @@ def _plots(result: dict[str, Any], folder: Path, stem: str) -> list[Path]:
         ax.set_ylim(0.3, 1.0)
         ax.grid(alpha=0.3)
         ax.legend()
-        written.append(_save(fig, folder / f"{stem}-time-to-accuracy.png"))
+        written.append(save_figure(fig, folder / f"{stem}-time-to-accuracy.png", dpi=110))
     curves = [c for k in ("scaling", "predict") if (c := cases.get(k)) and c["status"] == "ok"]
     if curves:
         fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.2), squeeze=False)
@@ -209,7 +208,7 @@ def _plots(result: dict[str, Any], folder: Path, stem: str) -> list[Path]:
             ax.title.set_fontsize(9)
             ax.grid(alpha=0.3)
             ax.legend()
-        written.append(_save(fig, folder / f"{stem}-scaling.png"))
+        written.append(save_figure(fig, folder / f"{stem}-scaling.png", dpi=110))
     bd = cases.get("breakdown")
     if bd and bd["status"] == "ok":
         fig, ax = plt.subplots(figsize=(8, 0.6 * len(bd["configs"]) + 1.6))
@@ -222,31 +221,16 @@ def _plots(result: dict[str, Any], folder: Path, stem: str) -> list[Path]:
         ax.set(xlabel="% of step time", title=bd["title"], xlim=(0, 100))
         ax.tick_params(axis="y", labelsize=7)
         ax.legend(fontsize=7, ncols=5, loc="upper center", bbox_to_anchor=(0.5, -0.25))
-        written.append(_save(fig, folder / f"{stem}-breakdown.png"))
+        written.append(save_figure(fig, folder / f"{stem}-breakdown.png", dpi=110))
     return written
 
 
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def write(result: dict[str, Any], out: Path, stem: str) -> list[Path]:
-    """Render JSON, Markdown and plots, then move them into `out` together."""
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".bench-", dir=out))
-    try:
+    """Render JSON, Markdown and plots, then move them into `out` together (nothing lands unless all
+    rendered; other results already in `out` stay)."""
+    with atomic_dir(out, merge=True) as staging:
         (staging / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         (staging / f"{stem}.md").write_text(markdown(result))
         _plots(result, staging, stem)
-        final = []
-        for f in sorted(staging.iterdir()):
-            os.replace(f, out / f.name)
-            final.append(out / f.name)
-        return final
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        names = sorted(f.name for f in staging.iterdir())
+    return [out / name for name in names]

@@ -1,4 +1,4 @@
-"""Writing a store's shards: stream batches into size-capped Parquet files, hash them, swap into place.
+"""Writing a store's shards: stream batches into size-capped Parquet files and hash them.
 
 Private to store.py, which owns the format and the manifest. Parsing the next batch overlaps with
 compressing and writing the current one (`_prefetch`), since Arrow releases the GIL for both.
@@ -6,9 +6,7 @@ compressing and writing the current one (`_prefetch`), since Arrow releases the 
 
 from __future__ import annotations
 
-import os
 import queue
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -100,12 +98,10 @@ def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
 
 
 def _finish_shard(writer: pq.ParquetWriter, path: Path, rows: int) -> dict[str, Any]:
-    """Close, fsync and hash one shard: its manifest entry."""
+    """Close and hash one shard: its manifest entry (pack's atomic_dir fsyncs it with the folder)."""
     from hpcml._files import sha256_file
 
     writer.close()
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
     return {"file": path.name, "rows": rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
@@ -122,14 +118,3 @@ def _collect_labels(col: pa.Array, labels: set, name: str, target: str) -> set |
         f"{name}: target column {target!r} has more than {MAX_CLASSES} distinct labels; "
         "is it the label column?"
     )
-
-
-def swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to `out`; an old store there is moved aside first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hpcml._files import atomic_file
 from hpcml.config import DataConfig
 from hpcml.errors import UsageError
 
@@ -123,9 +124,8 @@ def _mnist1d() -> Dataset:
             np.random.set_state(state)
         arrays = {k: raw[k] for k in ("x", "y", "x_test", "y_test")}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:  # ends in .npz: np.savez adds no second suffix
+            np.savez(tmp, **arrays)
     return Dataset(
         name="mnist1d",
         kind="sequence",

@@ -6,9 +6,10 @@
       manifest.json         format tag, schema, rows and sha256 per shard, classes, target, source
 
 `pack` writes into a hidden temporary sibling folder, fsyncs every file, renames the folder into
-place and fsyncs the parent, so a crash leaves either no store or a complete one. Readers check the
-manifest's sha256 for every shard they read and name the shard that does not match. A store can be
-read from any fsspec URL; `pack` writes to a local folder (object stores have no atomic rename).
+place and fsyncs the parent (`_files.atomic_dir`), so a crash leaves either no store or a complete
+one. Readers check the manifest's sha256 for every shard they read and name the shard that does not
+match. A store can be read from any fsspec URL; `pack` writes to a local folder (object stores have
+no atomic rename).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
 import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hpcml._version import __version__
-from hpcml.data._packing import swap_into_place, write_shards
+from hpcml.data._packing import write_shards
 from hpcml.data.clean import MISSING, label_classes, table_to_arrays
 from hpcml.data.files import BATCH_ROWS, open_table, read_table, redact_url, resolve
 from hpcml.errors import HpcmlError, UsageError
@@ -74,16 +73,14 @@ def pack(
     The source is streamed: memory use is one batch plus one open shard writer, whatever its size.
     `progress(rows_so_far)` is called after every batch.
     """
-    from hpcml._files import fsync_dir, make_temp_dir
+    from hpcml._files import atomic_dir
 
     if compression not in COMPRESSIONS:
         raise UsageError(f"compression={compression!r}; valid: {', '.join(COMPRESSIONS)}")
     if shard_rows < 1:
         raise UsageError(f"shard_rows must be at least 1, got {shard_rows}")
     out = _local_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
-    try:
+    with atomic_dir(out) as tmp:  # an old store at `out` (overwrite=True) is replaced
         with open_table(
             src, target=target, features=features, batch_rows=min(shard_rows, BATCH_ROWS),
             image_size=image_size, image_mode=image_mode,
@@ -114,16 +111,8 @@ def pack(
             "total_rows": sum(s["rows"] for s in shards),
             "shards": shards,
         }
-        with open(tmp / MANIFEST, "w") as f:  # written last: a folder without it is not a store
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        swap_into_place(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # written last: a folder without it is not a store
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 

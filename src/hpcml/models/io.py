@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpcml._files import fsync_dir, sha256_file  # noqa: F401  (re-exported)
+from hpcml._files import atomic_dir
 from hpcml.data.preprocess import Normalizer
 from hpcml.errors import HpcmlError, UsageError
 from hpcml.models.registry import check_trust, create_model
@@ -159,31 +157,15 @@ def save_model(out: str | Path, module: nn.Module, meta: dict[str, Any], *, key:
     from safetensors.torch import save
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from hpcml._files import make_temp_dir  # mode from the umask, as a plain mkdir would give
-
-    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
-    try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-        weights = tmp / "model.safetensors"
-        blob = save(state, metadata={"format": FORMAT})
-        if key is None:
-            weights.write_bytes(blob)
-            doc = {"format": FORMAT, **meta, "weights_sha256": sha256_file(weights)}
-        else:
-            doc, blob = _seal({"format": FORMAT, **meta}, blob, key)
-            weights.write_bytes(blob)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    blob = save(state, metadata={"format": FORMAT})
+    if key is None:
+        doc = {"format": FORMAT, **meta, "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    else:
+        doc, blob = _seal({"format": FORMAT, **meta}, blob, key)
+    with atomic_dir(out) as tmp:  # an existing model dir at `out` is replaced
+        (tmp / "model.safetensors").write_bytes(blob)
         (tmp / "model.json").write_text(json.dumps(doc, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -15,13 +15,13 @@ equal the model's input size.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hpcml._files import atomic_file
 from hpcml.errors import UsageError
 from hpcml.parallel.tasks import Runner, Task, attached, cores
 
@@ -297,7 +297,7 @@ def _refuse_overwriting_input(output: str | Path, data: Any) -> None:
 def write_output(
     output: str | Path, result: np.ndarray, *, model: Any, probabilities: bool, fmt: str | None = None
 ) -> Path:
-    """`prediction` (+ `prob_<class>`) columns, in input order, written to a temp file then renamed."""
+    """`prediction` (+ `prob_<class>`) columns, in input order, written atomically."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
@@ -314,13 +314,9 @@ def write_output(
             columns |= {f"prob_{c}": pa.array(result[:, k]) for k, c in enumerate(model.classes)}
     table = pa.table(columns)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         if fmt == "parquet":
             pq.write_table(table, tmp, compression="zstd")
         else:
             pacsv.write_csv(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

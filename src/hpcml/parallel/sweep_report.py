@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from hpcml._files import atomic_write, save_figure
 
 _STATUS_ORDER = {"ok": 0, "partial": 1, "failed": 2}
 
@@ -133,13 +134,8 @@ def rich_table(rows: list[dict], params: list[str], metric: str, *, title: str):
 
 
 def write_text(path: Path, text: str) -> None:
-    """Temp file + rename: a reader (or a crash) never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Atomic: a reader (or a crash) never sees a half-written file."""
+    atomic_write(path, text)
 
 
 def plot(rows: list[dict], params: list[str], metric: str, out: Path) -> Path | None:
@@ -173,12 +169,4 @@ def plot(rows: list[dict], params: list[str], metric: str, out: Path) -> Path | 
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{metric} vs swept parameters")
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return out
+    return save_figure(fig, out)

@@ -13,8 +13,9 @@ Layout (the "Checkpoint dir" contract in DESIGN.md), one folder per save under `
 No pickle anywhere: non-tensor values go to JSON, tensors to safetensors, and a JSON value
 `{"__tensor__": key}` points into optimizer.safetensors.
 
-Atomicity: a save writes into `root/.step-XXXXXXXX.tmp-*` (a dot name, never mistaken for a
-checkpoint), fsyncs every file and the folder, renames it to its final name and fsyncs `root`. Only
+Atomicity (`_files.atomic_dir`): a save writes into `root/.step-XXXXXXXX.tmp-*` (a dot name, never
+mistaken for a checkpoint), fsyncs every file and the folder, renames it to its final name (an
+existing one is moved aside to `.step-XXXXXXXX.del-*` first) and fsyncs `root`. Only
 then are older checkpoints pruned (renamed to a dot name first, then deleted), so a folder with a
 final name is always complete, and the last good checkpoint outlives any failed save.
 
@@ -46,10 +47,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpcml._files import make_temp_dir
+from hpcml._files import atomic_dir
 from hpcml._version import __version__
 from hpcml.errors import HpcmlError, UsageError
-from hpcml.models.io import fsync_dir, refuse_pickle
+from hpcml.models.io import refuse_pickle
 from hpcml.training.crypto import decrypt_bytes, encrypt_bytes, key_id, mac
 from hpcml.training.state_codec import capture_rng, decode_state, encode_state, restore_rng, unshare_tensors
 
@@ -96,10 +97,8 @@ def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def _write_file(path: Path, data: bytes, *, key: bytes | None, aad: str) -> dict[str, Any]:
     if key is not None:
         data = encrypt_bytes(data, key, aad=aad.encode())
-    with open(path, "wb") as f:
+    with open(path, "wb") as f:  # fsynced by atomic_dir with the rest of the folder
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -191,43 +190,22 @@ def save_checkpoint(
         (OPTIM, lambda: st_save(unshare_tensors(tensors), {"format": FORMAT})),
         (STATE, lambda: json.dumps(state, indent=1).encode()),
     ]
-    tmp: Path | None = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale(root)
-        tmp = make_temp_dir(root, f".{final.name}.tmp-")
-        files = {
-            name: _write_file(tmp / name, make(), key=key, aad=f"{final.name}/{name}") for name, make in parts
-        }
-        _write_manifest(tmp, name=final.name, step=step, files=files, key=key)
-        fsync_dir(tmp)
-        _move_into_place(tmp, final)
-        tmp = None
-        fsync_dir(root)
+        with atomic_dir(final) as tmp:  # fsyncs every file and the folder, replaces an existing step
+            files = {
+                name: _write_file(tmp / name, make(), key=key, aad=f"{final.name}/{name}")
+                for name, make in parts
+            }
+            _write_manifest(tmp, name=final.name, step=step, files=files, key=key)
     except OSError as err:
         raise HpcmlError(
             f"{final}: could not write the checkpoint: {_errtext(err)}; "
             "the previous checkpoints are untouched"
         ) from err
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     _prune(root, keep)
     return final
-
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    aside = final.with_name(f".{final.name}.del-{uuid.uuid4().hex[:8]}")
-    os.replace(final, aside)
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        os.replace(aside, final)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hpcml._files import atomic_write, save_figure
 from hpcml.config import TrainConfig, dump_config
 from hpcml.errors import UsageError
 
@@ -22,9 +23,7 @@ def default_run_dir(cfg: TrainConfig, model_name: str) -> Path:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2))
 
 
 def check_out_dir(path: Path) -> Path:
@@ -87,7 +86,7 @@ class RunDir:
         self._metrics = open(self.path / "metrics.jsonl", "w")
 
     def write_config(self, cfg: TrainConfig) -> None:
-        (self.path / "config.yaml").write_text(dump_config(cfg))
+        atomic_write(self.path / "config.yaml", dump_config(cfg))
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(row) + "\n")
@@ -125,7 +124,4 @@ def plot_curves(rows: list[dict[str, Any]], out: Path) -> Path | None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
