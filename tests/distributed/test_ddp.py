@@ -107,6 +107,8 @@ def _cli(*args, env=None):
 
 SMALL_FLAGS = [
     "train",
+    "--precision",
+    "fp32",  # weights are compared with a single-node run: never the CPU-dependent auto
     "--data",
     "synthetic",
     "--rows",

@@ -57,21 +57,19 @@ def test_factory_module_and_spec_train_the_same_model(tmp_path):
 
 
 def test_two_ranks_and_accumulation_match_one_process(tmp_path):
-    one = hpcml.train(CFG, out=tmp_path / "one")
-    two = hpcml.train({**CFG, "batch_size": 32}, out=tmp_path / "two", nproc=2)
-    accum = hpcml.train({**CFG, "batch_size": 16, "grad_accum": 2}, out=tmp_path / "acc", nproc=2)
+    # TinyNet (no BatchNorm: BatchNorm normalizes each rank's own half batch, so it differs from one
+    # process by construction, not by rounding)
+    cfg = {**CFG, "model": {"name": "usernets:TinyNet", "kwargs": {"width": 16}}}
+    one = hpcml.train(cfg, out=tmp_path / "one")
+    two = hpcml.train({**cfg, "batch_size": 32}, out=tmp_path / "two", nproc=2)
+    accum = hpcml.train({**cfg, "batch_size": 16, "grad_accum": 2}, out=tmp_path / "acc", nproc=2)
     assert two.report["world_size"] == 2 and accum.report["global_batch_size"] == 64
+    assert one.report["steps"] == two.report["steps"] == accum.report["steps"] == 3 * 13
     w1 = _weights(one.dir)
     for other in (two, accum):
         w = _weights(other.dir)
-        for k in w1:
-            if k.endswith("num_batches_tracked"):
-                assert torch.equal(w[k], w1[k]), k
-                continue
-            # BatchNorm normalizes each rank's half batch: its running stats and the gradients through
-            # it differ from one process's whole-batch stats by the batch split, not by rounding
-            torch.testing.assert_close(w[k], w1[k], rtol=0.05, atol=0.02)
-    assert abs(two.report["test_accuracy"] - one.report["test_accuracy"]) < 0.05
+        for k in w1:  # fp32 sums in another order: a few ulps
+            torch.testing.assert_close(w[k], w1[k], rtol=1e-5, atol=1e-6)
 
 
 def test_sigkill_then_resume_is_bit_exact_and_elastic_restart_recovers(tmp_path, cli):
@@ -111,10 +109,16 @@ class _Recorder(hpcml.Callback):
 
 
 def test_callbacks_see_each_epoch_and_early_stopping_follows_its_rule(tmp_path):
-    cfg = {**CFG, "epochs": 25, "data": {**CFG["data"], "rows": 400}, "optim": {"name": "adamw", "lr": 0.05},
-           "data_val": None}  # fmt: skip
-    cfg.pop("data_val")
-    cfg["data"]["val_fraction"] = 0.2
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 6))
+    y = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=0.8, size=400) > 0).astype(int)
+    lines = [
+        "a,b,c,d,e,f,label",
+        *(",".join(f"{v:.5f}" for v in row) + f",{t}" for row, t in zip(x, y, strict=True)),
+    ]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    data = {"name": str(tmp_path / "t.csv"), "target": "label", "val_fraction": 0.2}
+    cfg = {**CFG, "epochs": 25, "data": data, "optim": {"name": "adamw", "lr": 0.05}}
     rec = _Recorder()
     full = hpcml.train(cfg, out=tmp_path / "full", callbacks=[rec])
     steps = full.report["steps"] // 25
@@ -128,8 +132,8 @@ def test_callbacks_see_each_epoch_and_early_stopping_follows_its_rule(tmp_path):
     early = hpcml.train({**cfg, "patience": patience}, out=tmp_path / "early")
     assert early.report["epochs"] == expected
     assert [m["val_accuracy"] for m in early.metrics] == history[:expected]
-    if expected < 25:
-        assert early.report["stopped_early"] and "has not improved" in early.report["stopped_by"]
+    assert expected < 25  # this data plateaus: the rule does fire
+    assert early.report["stopped_early"] and "has not improved" in early.report["stopped_by"]
     with pytest.raises(hpcml.UsageError, match="val_fraction"):
         hpcml.train({**CFG, "patience": 2}, out=tmp_path / "noval")
 
