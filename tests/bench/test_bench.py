@@ -246,11 +246,11 @@ def test_quick_suite_smoke(cli, tmp_path):
         assert "DDP 2 ranks x 1 thread, gloo (case 4)" in cases["breakdown"]["configs"]
     goals = result["goals"]
     precision = cases["precision"]
-    assert precision["auto_picks"] == ("bf16" if precision["native_bf16"] else "fp32")
+    assert set(precision["auto_picks"]) == {"default recipe (cnn1d)", "MLP, batch 100", "compute-bound MLP"}
     for p in ("fp32", "bf16"):
         run = precision["contenders"][f"default recipe (cnn1d), {p}"]["runs"][0]
         assert run["train_seconds"] > 0 and 0.5 < run["test_accuracy"] <= 1.0
-    assert len(goals) == 6 + 2 * precision["native_bf16"] and all(
+    assert len(goals) == 6 + 3 and all(
         {"goal", "target", "value", "met", "note", "case"} <= set(g) for g in goals
     )
 

@@ -5,27 +5,57 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpcml.training.precision import resolve_precision
+from hpcml.training.precision import BF16_MIN_STEP_FLOPS, resolve_precision
 
 CPU = torch.device("cpu")
 AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma"})
 AVX512_NO_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512vl"}
 
 
+BIG, SMALL = 34e9, 0.11e9  # GFLOP per step: the bench's compute-bound MLP, the default cnn1d recipe
+
+
 @pytest.mark.parametrize(
-    ("flags", "expected"),
+    ("flags", "step_flops", "expected"),
     [
-        (AVX2_ONLY, "fp32"),
-        (AVX512_NO_BF16, "fp32"),
-        (AVX512_NO_BF16 | {"avx512_bf16"}, "bf16"),
-        (AVX2_ONLY | {"amx_bf16", "amx_tile"}, "bf16"),
-        (frozenset(), "fp32"),  # flags unknown (not Linux): the safe choice
+        (AVX2_ONLY, BIG, "fp32"),
+        (AVX512_NO_BF16, BIG, "fp32"),
+        (AVX512_NO_BF16 | {"avx512_bf16"}, BIG, "bf16"),
+        (AVX2_ONLY | {"amx_bf16", "amx_tile"}, BIG, "bf16"),
+        (AVX512_NO_BF16 | {"avx512_bf16"}, SMALL, "fp32"),  # native, but a small step: casts cost more
+        (AVX512_NO_BF16 | {"avx512_bf16", "amx_bf16"}, SMALL, "fp32"),
+        (AVX512_NO_BF16 | {"avx512_bf16"}, None, "fp32"),  # size unknown: the safe choice
+        (frozenset(), BIG, "fp32"),  # flags unknown (not Linux)
     ],
 )
-def test_auto_picks_bf16_only_on_cpus_with_native_bf16(flags, expected):
-    precision, reason = resolve_precision("auto", CPU, flags=flags)
+def test_auto_picks_bf16_only_with_native_bf16_and_a_large_step(flags, step_flops, expected):
+    precision, reason = resolve_precision("auto", CPU, flags=flags, step_flops=step_flops)
     assert precision == expected
-    assert reason.startswith("CPU has native bf16" if expected == "bf16" else "CPU has no native bf16")
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert reason.startswith("CPU has native bf16" if native else "CPU has no native bf16")
+    if native and step_flops is not None:
+        assert f"{step_flops / 1e9:.2g} GFLOP per step" in reason
+
+
+def test_threshold_sits_between_the_measured_points():
+    # measured: bf16 0.96x at 0.12 GFLOP/step, 1.07x at 0.48, 1.77x at 1.9 (see precision.py)
+    assert 0.48e9 < BF16_MIN_STEP_FLOPS <= 1.9e9
+
+
+def test_step_flops_are_counted_without_allocating(tmp_path):
+    from hpcml.config import TrainConfig
+    from hpcml.data.sources import load_dataset
+    from hpcml.training.build import step_flops
+
+    cfg = TrainConfig.model_validate(
+        {"data": {"name": "synthetic", "rows": 600, "features": 8, "classes": 3},
+         "model": {"name": "mlp", "kwargs": {"hidden": 32, "depth": 1}}, "batch_size": 64}
+    )  # fmt: skip
+    # per row: forward 2*(8*32 + 32*3); backward: both gradients of the second matmul (weight and
+    # input, 2*32*3 each) and only the weight gradient of the first (its input needs no gradient)
+    fwd = 2 * (8 * 32 + 32 * 3)
+    expected = 64 * (fwd + 2 * 2 * 32 * 3 + 2 * 8 * 32)
+    assert step_flops(cfg, load_dataset(cfg.data)) == expected
 
 
 @pytest.mark.parametrize("requested", ["fp32", "bf16", "fp16"])

@@ -36,7 +36,7 @@ def measure(cfg: TrainConfig, *, steps: int, warmup: int = 3, dist: DistInfo | N
     """Time `steps` training steps of `cfg` phase by phase (after `warmup` untimed steps)."""
     from hpcml.data.sources import load_dataset
     from hpcml.training import loop
-    from hpcml.training.build import build
+    from hpcml.training.build import build, step_flops
     from hpcml.training.precision import detect
     from hpcml.training.run import resolve_model_name
 
@@ -49,6 +49,7 @@ def measure(cfg: TrainConfig, *, steps: int, warmup: int = 3, dist: DistInfo | N
         compile="off",  # phases of a compiled graph cannot be timed apart; eager is what is measured
         threads=cfg.threads,
         steps=steps,
+        step_flops=step_flops(cfg, data, world_size=info.world_size),
         local_rank=info.local_rank,
         local_world_size=info.local_world_size,
     )

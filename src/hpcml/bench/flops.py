@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 import torch
-from torch import nn
 
 from hpcml.bench.timers import sync
+from hpcml.models.flops import forward_flops, train_step_flops  # noqa: F401  (re-exported)
 
 # Dense (no sparsity) peak TFLOP/s from the vendors' datasheets. Matched by substring of
 # torch.cuda.get_device_name(), first match wins, so the more specific names come first.
@@ -41,28 +41,6 @@ def datasheet_peak(device_name: str, precision: str) -> float | None:
             tflops = peaks.get(precision)
             return None if tflops is None else tflops * 1e12
     return None
-
-
-def train_step_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=None) -> int:
-    """FLOPs of one forward + backward pass on the batch (x, y), counted by FlopCounterMode.
-
-    The gradients it leaves are cleared, so counting does not disturb a later training step.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    loss_fn = loss_fn or nn.functional.cross_entropy
-    with FlopCounterMode(display=False) as counter:
-        loss_fn(model(x), y).backward()
-    model.zero_grad(set_to_none=True)
-    return int(counter.get_total_flops())
-
-
-def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return int(counter.get_total_flops())
 
 
 def measured_matmul_peak(

@@ -150,6 +150,32 @@ def make_module(cfg: TrainConfig, data: Dataset, model: ModelSource = None) -> n
     )
 
 
+def step_flops(
+    cfg: TrainConfig, data: Dataset, model: ModelSource = None, *, world_size: int = 1
+) -> float | None:
+    """FLOPs of one rank's optimizer step (forward + backward of its rows), counted by FlopCounterMode
+    on the `meta` device (nothing is allocated or computed); None if the model cannot be counted.
+    The precision decision uses it: bf16 pays on a CPU only for steps large enough."""
+    from hpcml.models.flops import train_step_flops
+
+    if cfg.optim.name == "gd":
+        rows = -(-data.train_rows // world_size)
+    else:
+        rows = min(cfg.batch_size, max(1, data.train_rows // world_size)) * cfg.grad_accum
+    dev = "meta"
+    try:
+        if isinstance(model, nn.Module):  # already built: count one real row on its own device
+            module, dev = model, next(model.parameters()).device
+        else:
+            with torch.device("meta"):
+                module = make_module(cfg, data, model)
+        x = torch.zeros(1, *data.input_shape, device=dev)
+        per_row = train_step_flops(module, x, None, lambda out, _y: out.float().sum())
+    except Exception:  # noqa: BLE001 - an estimate only; the real build reports real errors
+        return None
+    return float(per_row * rows)
+
+
 def _in_memory(cfg: TrainConfig, data: Dataset, info: DistInfo, dev: torch.device, y_scale):
     normalizer = Normalizer.fit(data.x_train, method=cfg.data.normalize, per_feature=data.kind == "tabular")
 

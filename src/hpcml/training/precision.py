@@ -73,14 +73,27 @@ def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:
     return torch.device(spec)
 
 
-def resolve_precision(
-    requested: str, device: torch.device, *, flags: frozenset[str] | None = None
-) -> tuple[str, str]:
-    """(precision, reason). `flags` are the CPU's /proc/cpuinfo flags (default: this machine's), so the
-    decision can be tested for any CPU without running on it.
+# bf16 autocast on a CPU with native bf16 pays only for steps with enough matmul work: measured on a
+# Xeon with AMX + avx512_bf16 (2 threads, `hpcml bench --cases precision` and MLP sweeps), bf16 ran
+# at 0.78-0.96x fp32's speed at 0.1-0.12 GFLOP per step (the default cnn1d recipe, the batch-100
+# MLP), 1.07x at 0.48, 1.77x at 1.9 and 2.3-3.2x from 7.5 GFLOP up, at the same test accuracy.
+BF16_MIN_STEP_FLOPS = 1e9
 
-    CPU auto: bf16 only with native bf16 (avx512_bf16 / amx_bf16), where `hpcml bench --cases precision`
-    measured it faster at the same accuracy; AVX2-only CPUs emulate bf16 and fp32 is faster there."""
+
+def resolve_precision(
+    requested: str,
+    device: torch.device,
+    *,
+    flags: frozenset[str] | None = None,
+    step_flops: float | None = None,
+) -> tuple[str, str]:
+    """(precision, reason). `flags` are the CPU's /proc/cpuinfo flags (default: this machine's) and
+    `step_flops` one rank's training FLOPs per optimizer step (None: unknown), so the decision can be
+    tested for any CPU and model without running them.
+
+    CPU auto: bf16 only with native bf16 (avx512_bf16 / amx) and a step of at least
+    BF16_MIN_STEP_FLOPS; below that autocast's casts cost more than the faster matmuls save. AVX2-only
+    CPUs emulate bf16: fp32 is faster there."""
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         if requested == "auto":
@@ -90,9 +103,20 @@ def resolve_precision(
         return requested, "requested"
     native = cpu_has_native_bf16(flags)
     if requested == "auto":
-        if native:
-            return "bf16", "CPU has native bf16 (avx512_bf16/amx)"
-        return "fp32", "CPU has no native bf16 (e.g. AVX2 only): fp32 is fastest"
+        if not native:
+            return "fp32", "CPU has no native bf16 (e.g. AVX2 only): fp32 is fastest"
+        if step_flops is None:
+            return (
+                "fp32",
+                "CPU has native bf16, but the step's size is unknown: fp32 (bf16 pays on large steps)",
+            )
+        gflops = f"{step_flops / 1e9:.2g} GFLOP per step"
+        if step_flops >= BF16_MIN_STEP_FLOPS:
+            return "bf16", f"CPU has native bf16 (avx512_bf16/amx) and {gflops}: bf16 is faster"
+        return "fp32", (
+            f"CPU has native bf16, but {gflops} is below {BF16_MIN_STEP_FLOPS / 1e9:g}: bf16's casts cost "
+            "more than its matmuls save"
+        )
     if requested == "bf16" and not native:
         return "bf16", "requested; this CPU emulates bf16 (slower than fp32)"
     if requested == "fp16":
@@ -131,11 +155,12 @@ def detect(
     compile: str,
     threads: int | None,
     steps: int,
+    step_flops: float | None = None,
     local_rank: int = 0,
     local_world_size: int = 1,
 ) -> Hardware:
     dev = resolve_device(device, local_rank=local_rank)
-    prec, prec_why = resolve_precision(precision, dev)
+    prec, prec_why = resolve_precision(precision, dev, step_flops=step_flops)
     comp, comp_why = resolve_compile(compile, dev, steps=steps)
     n_threads = threads or max(1, available_cores() // local_world_size)
     return Hardware(dev, prec, prec_why, comp, comp_why, n_threads)

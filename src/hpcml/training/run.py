@@ -21,7 +21,7 @@ from hpcml.models.io import Model
 from hpcml.models.registry import default_model_for
 from hpcml.parallel import dist as pdist
 from hpcml.parallel.dist import DistInfo
-from hpcml.training.build import ModelSource, build, seed_everything  # noqa: F401  (seed_everything re-exported)
+from hpcml.training.build import ModelSource, build, seed_everything, step_flops  # noqa: F401  (seed_everything re-exported)
 from hpcml.training.callbacks import Callback, EarlyStopping, Progress, TargetAccuracy, from_specs
 from hpcml.training.fit import fit
 from hpcml.training.precision import detect
@@ -200,6 +200,7 @@ def run_process(
         hw = detect(
             device=cfg.device, precision=cfg.precision, compile=cfg.compile, threads=cfg.threads,
             steps=steps_per_epoch * cfg.epochs,  # the compile decision depends on the run's length
+            step_flops=step_flops(cfg, data, model, world_size=info.world_size),  # bf16 pays on big steps
             local_rank=info.local_rank, local_world_size=info.local_world_size,
         )  # fmt: skip
         threads_before = torch.get_num_threads()
