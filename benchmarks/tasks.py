@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 import hpcml
-from hpcml.parallel.predict import predict_parallel
+from hpcml.jobs.predict import predict_parallel
 from hpcml.training.precision import available_cores, cpu_name
 
 FEATURES, CLASSES = 32, 10
@@ -180,7 +180,7 @@ def main() -> None:
         x = np.random.default_rng(0).normal(size=(rows, FEATURES)).astype(np.float32)
         restore = None
         if ray is not None:
-            from hpcml.parallel.ray_backend import start_local_ray
+            from hpcml.jobs.ray_backend import start_local_ray
 
             restore = start_local_ray()
         try:

@@ -38,11 +38,11 @@ __all__ = [
 ]
 
 _LAZY = {
-    "train": "hpcml.training.run",
-    "Run": "hpcml.training.run",
+    "train": "hpcml.api",
+    "Run": "hpcml.training.summary",
     "evaluate": "hpcml.api",
     "predict": "hpcml.api",
-    "sweep": "hpcml.parallel.sweep",
+    "sweep": "hpcml.jobs.sweep",
     "load_model": "hpcml.models.io",
     "Model": "hpcml.models.io",
     "TrainConfig": "hpcml.config",
@@ -55,13 +55,13 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from hpcml.api import evaluate, predict
+    from hpcml.api import evaluate, predict, train
     from hpcml.bench import benchmark
     from hpcml.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
+    from hpcml.jobs.sweep import sweep
     from hpcml.models.io import Model, load_model
-    from hpcml.parallel.sweep import sweep
     from hpcml.training.callbacks import Callback
-    from hpcml.training.run import Run, train
+    from hpcml.training.summary import Run
 
 
 def __getattr__(name: str):

@@ -303,7 +303,7 @@ def train(
                 f"--resume continues {resume} with its own config.yaml; drop {given} (a changed config "
                 "would not continue the same run; only --epochs may extend a constant-schedule run)"
             )
-        from hpcml.training.run import train as run_train
+        from hpcml.api import train as run_train
 
         run = run_train(
             None, resume=resume, quiet=quiet or json_, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
@@ -321,7 +321,7 @@ def train(
         base = TrainConfig().model_dump(mode="json", exclude_unset=True)
     cfg = build_config(merge(base, overrides), source="config" if config is None else str(config))
 
-    from hpcml.training.run import train as run_train
+    from hpcml.api import train as run_train
 
     run = run_train(
         cfg,

@@ -97,8 +97,8 @@ def sweep(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines or table.")] = False,
     json_: Annotated[bool, _JSON] = False,
 ) -> None:
-    from hpcml.parallel import sweep_report
-    from hpcml.parallel.sweep import sweep as run_sweep
+    from hpcml.jobs import sweep_report
+    from hpcml.jobs.sweep import sweep as run_sweep
 
     result = run_sweep(
         config, params=param or [], out=out, random=random, folds=folds, workers=workers, backend=backend,
@@ -150,7 +150,7 @@ def predict(
     ] = False,
     json_: Annotated[bool, _JSON] = False,
 ) -> None:
-    from hpcml.parallel.predict import predict_parallel
+    from hpcml.jobs.predict import predict_parallel
 
     stats: dict[str, Any] = {}
     predict_parallel(

@@ -200,9 +200,9 @@ def test_predict_case_is_skipped_with_the_reason_when_the_module_is_missing(monk
     from hpcml.bench.cases import SUITES, Context
     from hpcml.bench.cases_parallel import predict_scaling
 
-    monkeypatch.setitem(sys.modules, "hpcml.parallel.predict", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "hpcml.jobs.predict", None)  # import now raises ImportError
     case = predict_scaling(Context(SUITES["quick"], 1, 1, "cpu", tmp_path))
-    assert case["status"] == "skipped" and "hpcml.parallel.predict" in case["reason"]
+    assert case["status"] == "skipped" and "hpcml.jobs.predict" in case["reason"]
 
 
 def test_missing_lightning_hint_keeps_its_extra_in_the_table(cli, tmp_path):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import hpcml
 from hpcml.data.loader import DeviceBatches
-from hpcml.parallel.launch import free_port
+from hpcml.launch.elastic import free_port
 
 BASE = {
     "data": {"name": "synthetic", "rows": 1000, "features": 8, "classes": 3},  # 800 train rows

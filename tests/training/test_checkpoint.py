@@ -32,7 +32,7 @@ from hpcml.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from hpcml.training.crypto import decrypt_bytes, encrypt_bytes, key_from_env
+from hpcml.crypto import decrypt_bytes, encrypt_bytes, key_from_env
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 

@@ -22,7 +22,7 @@ import torch
 from hpcml.bench.flops import train_step_flops
 from hpcml.bench.timers import now
 from hpcml.config import TrainConfig
-from hpcml.parallel.dist import DistInfo
+from hpcml.distributed.dist import DistInfo
 
 PHASES = ("data", "forward", "backward", "optimizer", "communication")
 
@@ -173,7 +173,7 @@ def measure_ddp(cfg: TrainConfig, *, steps: int, world: int) -> dict[str, Any]:
     """`measure` on `world` gloo ranks on this machine (127.0.0.1); rank 0's result."""
     import torch.multiprocessing as mp
 
-    from hpcml.parallel.launch import free_port
+    from hpcml.launch.elastic import free_port
 
     with tempfile.TemporaryDirectory(prefix="hpcml-breakdown-") as tmp:
         mp.spawn(_rank_main, args=(world, free_port(), cfg.model_dump_json(), steps, tmp), nprocs=world)

@@ -105,13 +105,13 @@ def scaling(ctx: Context) -> dict[str, Any]:
 
 
 def predict_scaling(ctx: Context) -> dict[str, Any]:
-    """Case 5: `hpcml.parallel.predict.predict_parallel` rows/s with 1 -> W workers, checked to give
+    """Case 5: `hpcml.jobs.predict.predict_parallel` rows/s with 1 -> W workers, checked to give
     the same predictions as 1 worker."""
     title = "Parallel predict throughput, 1 -> W workers (rows/s)"
     try:
-        from hpcml.parallel.predict import predict_parallel
+        from hpcml.jobs.predict import predict_parallel
     except ImportError as err:
-        return skipped("predict", title, f"hpcml.parallel.predict is not available yet ({err})")
+        return skipped("predict", title, f"hpcml.jobs.predict is not available yet ({err})")
     cores = available_cores()
     workers = counts(cores)
     trained = ctx.train({"model": {"name": "mlp"}, "epochs": 1, "threads": ctx.threads, "device": "cpu"})

@@ -85,8 +85,8 @@ def doctor(config: Any, *, steps: int = 30, nproc: int = 1) -> dict[str, Any]:
 
     from hpcml.bench.breakdown import measure
     from hpcml.bench.flops import measured_matmul_peak
+    from hpcml.distributed.dist import DistInfo
     from hpcml.errors import UsageError
-    from hpcml.parallel.dist import DistInfo
     from hpcml.training.precision import available_cores, cpu_has_native_bf16
     from hpcml.training.run import as_config
 

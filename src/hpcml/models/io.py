@@ -107,7 +107,7 @@ def _seal(meta: dict[str, Any], blob: bytes, key: bytes) -> tuple[dict[str, Any]
     """(model.json document, weights bytes) of an encrypted model dir."""
     import base64
 
-    from hpcml.training.crypto import encrypt_bytes, key_id, mac
+    from hpcml.crypto import encrypt_bytes, key_id, mac
 
     weights = encrypt_bytes(blob, key, aad=b"model/model.safetensors")
     sealed = encrypt_bytes(json.dumps(meta).encode(), key, aad=b"model/model.json")
@@ -126,7 +126,7 @@ def _unseal(doc: dict[str, Any], meta_path: Path, key: bytes | None) -> tuple[di
     import base64
     import hmac as _hmac
 
-    from hpcml.training.crypto import decrypt_bytes, key_from_env, key_id, mac
+    from hpcml.crypto import decrypt_bytes, key_from_env, key_id, mac
 
     key = key if key is not None else key_from_env()
     if key is None:
@@ -253,7 +253,7 @@ def _read_weights(
             f"{spec.weights_sha256[:12]}...): the weights are corrupt or were modified"
         )
     if key is not None:
-        from hpcml.training.crypto import decrypt_bytes
+        from hpcml.crypto import decrypt_bytes
 
         blob = decrypt_bytes(blob, key, aad=b"model/model.safetensors", name=str(weights))
     if expected is not None:

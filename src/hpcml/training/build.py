@@ -19,9 +19,9 @@ from hpcml.config import TrainConfig
 from hpcml.data.loader import DeviceBatches, EvalSplit, FullBatches
 from hpcml.data.preprocess import Normalizer
 from hpcml.data.sources import Dataset
+from hpcml.distributed import dist as pdist
+from hpcml.distributed.dist import DistInfo
 from hpcml.errors import UsageError
-from hpcml.parallel import dist as pdist
-from hpcml.parallel.dist import DistInfo
 from hpcml.training.optim import build_optimizer, build_schedule
 from hpcml.training.precision import Hardware, autocast
 

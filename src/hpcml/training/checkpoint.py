@@ -49,9 +49,9 @@ from torch import nn
 
 from hpcml._files import atomic_dir
 from hpcml._version import __version__
+from hpcml.crypto import decrypt_bytes, encrypt_bytes, key_id, mac
 from hpcml.errors import HpcmlError, UsageError
 from hpcml.models.io import refuse_pickle
-from hpcml.training.crypto import decrypt_bytes, encrypt_bytes, key_id, mac
 from hpcml.training.state_codec import capture_rng, decode_state, encode_state, restore_rng, unshare_tensors
 
 __all__ = [

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,6 +19,16 @@ from hpcml.training.report import RunDir
 def _brief(report: dict) -> dict:
     """The cleaning report without per-column lists that can run to thousands (image pixels)."""
     return {k: v for k, v in report.items() if not (isinstance(v, list) and len(v) > 64)}
+
+
+@dataclass
+class Run:
+    """The result of `hpcml.train`: where it was written, what it measured, and the trained model."""
+
+    dir: Path
+    report: dict[str, Any]
+    model: Model
+    metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
 class RunDirWriter(Callback):
@@ -64,8 +77,6 @@ def model_meta(run) -> dict:
 
 def write_results(run, state, *, run_dir, ckpt, key, t_wall):
     """Save the model, plot the curves and write report.json; returns the Run."""
-    from hpcml.training.run import Run
-
     cfg, data, hw, info, module = run.cfg, run.data, run.hw, run.dist, run.module
     rows, steps, point_ckpt = state.rows, state.step, state.checkpoint_seconds
     train_seconds, step_seconds, time_to_target = state.elapsed(), state.step_seconds, state.time_to_target

@@ -23,7 +23,7 @@ import numpy as np
 
 from hpcml._files import atomic_file
 from hpcml.errors import UsageError
-from hpcml.parallel.tasks import Runner, Task, attached, cores
+from hpcml.jobs.tasks import Runner, Task, attached, cores
 
 __all__ = ["predict_parallel", "read_input", "write_output", "OUTPUT_FORMATS"]
 
@@ -104,7 +104,7 @@ def _predict_sharded(runner: Runner, model_dir: str, x: np.ndarray, **kw: Any) -
     with runner:
         shared = runner.share(np.ascontiguousarray(x))
         tasks = [
-            Task(f"shard-{i}", "hpcml.parallel.predict:predict_shard",
+            Task(f"shard-{i}", "hpcml.jobs.predict:predict_shard",
                  {"model_dir": model_dir, "data": shared, "start": int(a), "stop": int(b), **kw})
             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)) if b > a
         ]  # fmt: skip

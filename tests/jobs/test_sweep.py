@@ -17,8 +17,8 @@ from hpcml.config import DataConfig, build_config, load_config
 from hpcml.data.folds import apply_folds
 from hpcml.data.sources import load_dataset
 from hpcml.errors import HpcmlError, UsageError
-from hpcml.parallel.sweep import _points, parse_params, resolve_name
-from hpcml.parallel.tasks import Runner, Task
+from hpcml.jobs.sweep import _points, parse_params, resolve_name
+from hpcml.jobs.tasks import Runner, Task
 
 BASE = {
     "data": {"name": "synthetic", "rows": 600, "features": 8, "classes": 3},
@@ -132,7 +132,7 @@ def test_runner_retries_a_failure_but_not_a_usage_error(tmp_path):
     fault = spec("JobFault", match={}, action="fail-always", marker_dir=str(tmp_path))
     good = build_config({**BASE, "callbacks": [fault]}).model_dump(mode="json")
     tasks = [
-        Task(name, "hpcml.parallel.sweep:run_job", {"config": cfg, "out": str(tmp_path / name)})
+        Task(name, "hpcml.jobs.sweep:run_job", {"config": cfg, "out": str(tmp_path / name)})
         for name, cfg in [("usage", bad), ("flaky", good)]
     ]
     with Runner(workers=1) as runner:
@@ -236,7 +236,7 @@ def test_unreachable_ray_address_fails_fast(tmp_path):
 @pytest.fixture(scope="module")
 def ray_instance():
     ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'hpcml[ray]')")
-    from hpcml.parallel.ray_backend import start_local_ray
+    from hpcml.jobs.ray_backend import start_local_ray
 
     restore = start_local_ray(num_cpus=2)
     yield ray
@@ -247,7 +247,7 @@ def ray_instance():
 def test_ray_instance_is_loopback_only_with_token_auth(ray_instance):
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
-    from hpcml.parallel.ray_backend import probe
+    from hpcml.jobs.ray_backend import probe
 
     gcs = ray_instance.get_runtime_context().gcs_address
     assert gcs.startswith("127.0.0.1:")

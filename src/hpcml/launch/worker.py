@@ -1,4 +1,4 @@
-"""One DDP rank: `python -m hpcml.parallel.worker CONFIG OUT --quiet|--progress --resume|--fresh`,
+"""One DDP rank: `python -m hpcml.launch.worker CONFIG OUT --quiet|--progress --resume|--fresh`,
 started by launch.py. After an elastic restart (TORCHELASTIC_RESTART_COUNT > 0) the rank resumes from
 the newest checkpoint in OUT when there is one.
 
@@ -38,7 +38,7 @@ def _write_error_file(exc: BaseException) -> None:
 
 def main(argv: list[str]) -> int:
     from hpcml.config import load_config
-    from hpcml.parallel.dist import DistInfo
+    from hpcml.distributed.dist import DistInfo
     from hpcml.training.run import run_process
 
     cfg_path, out, mode, start = argv

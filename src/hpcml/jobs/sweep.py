@@ -28,8 +28,8 @@ from typing import Any
 
 from hpcml.config import TrainConfig, build_config, dump_config, merge
 from hpcml.errors import HpcmlError, UsageError
-from hpcml.parallel import sweep_report as report
-from hpcml.parallel.tasks import Event, Runner, Task, cores
+from hpcml.jobs import sweep_report as report
+from hpcml.jobs.tasks import Event, Runner, Task, cores
 
 __all__ = ["sweep", "SweepResult", "valid_params", "parse_params"]
 
@@ -274,7 +274,7 @@ def sweep(
         j["report"] = _read_report(j["dir"])
         j["status"], j["attempts"], j["error"], j["ran"] = ("done", 0, None, False)
         if j["report"] is None:
-            todo.append(Task(j["id"], "hpcml.parallel.sweep:run_job", {
+            todo.append(Task(j["id"], "hpcml.jobs.sweep:run_job", {
                 "config": j["config"].model_dump(mode="json"), "out": str(j["dir"]),
             }))  # fmt: skip
     _check_metric(metric, jobs)  # before running, when earlier runs left reports to check against

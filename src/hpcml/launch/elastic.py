@@ -1,6 +1,6 @@
 """Start N ranks per node with torch.distributed's elastic launcher (the machinery behind torchrun).
 
-Each rank is a fresh `python -m hpcml.parallel.worker` process; the launcher's agent watches them and,
+Each rank is a fresh `python -m hpcml.launch.worker` process; the launcher's agent watches them and,
 when one fails, stops the others (and restarts the group up to `max_restarts` times), so a crashed
 rank ends the job promptly instead of leaving its peers hanging in a collective.
 """
@@ -87,7 +87,7 @@ def check_nproc(nproc: int, *, device: str, cores: int, gpus: int) -> None:
 def _check_hardware(nproc: int, device: str) -> None:
     import torch
 
-    from hpcml.parallel.tasks import cores
+    from hpcml.jobs.tasks import cores
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     check_nproc(nproc, device=device, cores=cores(), gpus=gpus)
@@ -174,7 +174,7 @@ def launch(
             logs_specs=DefaultLogsSpecs(log_dir=str(Path(tmp) / "elastic")),
         )
         args = [
-            "-m", "hpcml.parallel.worker", str(cfg_path), str(out), "--quiet" if quiet else "--progress",
+            "-m", "hpcml.launch.worker", str(cfg_path), str(out), "--quiet" if quiet else "--progress",
             "--resume" if resume else "--fresh",
         ]  # fmt: skip
         try:

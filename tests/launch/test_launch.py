@@ -5,7 +5,7 @@ import os
 import pytest
 
 from hpcml.errors import UsageError
-from hpcml.parallel.launch import check_nproc
+from hpcml.launch.elastic import check_nproc
 
 
 def test_nproc_within_the_cores_or_gpus_passes():
@@ -45,7 +45,7 @@ def test_cli_refuses_more_ranks_than_cores(cli, tmp_path):
 def test_elastic_loggers_are_quiet_for_the_launch_only():
     import logging
 
-    from hpcml.parallel.launch import _elastic_log_level
+    from hpcml.launch.elastic import _elastic_log_level
 
     child = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
     parent = logging.getLogger("torch.distributed.elastic")

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from hpcml.errors import HpcmlError, UsageError
-from hpcml.parallel.tasks import cores
+from hpcml.jobs.tasks import cores
 
 __all__ = ["import_ray", "ray_session", "start_local_ray", "probe"]
 

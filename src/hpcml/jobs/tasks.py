@@ -194,7 +194,7 @@ class Runner:
 
     def __enter__(self) -> Runner:
         if self.backend == "ray":
-            from hpcml.parallel.ray_backend import ray_session
+            from hpcml.jobs.ray_backend import ray_session
 
             self._ray_session = ray_session(self.address)
             self._ray = self._ray_session.__enter__()
@@ -305,7 +305,7 @@ class Runner:
                 conn.close()
 
     def _run_ray(self, book: _Book) -> None:
-        from hpcml.parallel.ray_backend import ray_cpus, ray_error
+        from hpcml.jobs.ray_backend import ray_cpus, ray_error
 
         ray = self._ray
         remote = ray.remote(_ray_call).options(num_cpus=ray_cpus(ray, self.threads), max_retries=0)

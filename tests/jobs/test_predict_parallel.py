@@ -11,7 +11,7 @@ import pytest
 
 import hpcml
 from hpcml.errors import HpcmlError, UsageError
-from hpcml.parallel.predict import predict_parallel
+from hpcml.jobs.predict import predict_parallel
 
 FEATURES = 8
 CLASSES = 3
