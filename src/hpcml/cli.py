@@ -202,7 +202,12 @@ def train(
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     compile: Annotated[str | None, typer.Option(help="auto, on or off (torch.compile).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all available cores).")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Torch threads per process (default: auto, the cores other processes leave free at start)."
+        ),
+    ] = None,
     rows: Annotated[int | None, typer.Option(help="synthetic: rows.")] = None,
     features: Annotated[
         str | None, typer.Option(help="Feature columns of a file, comma-separated (synthetic: a count).")

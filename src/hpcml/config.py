@@ -171,7 +171,11 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
     device: str = "auto"
-    threads: int | None = Field(None, gt=0, description="torch threads per process; default: cores / procs")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch threads per process; default (null): auto, the cores left free by other processes at start",
+    )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     patience: int | None = Field(
         None, gt=0, description="early stopping: stop after N epochs without a better validation metric"

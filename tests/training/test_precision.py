@@ -66,3 +66,55 @@ def test_an_explicit_precision_is_kept_whatever_the_cpu(requested):
 
 def test_emulated_bf16_is_said_so():
     assert "emulates" in resolve_precision("bf16", CPU, flags=AVX2_ONLY)[1]
+
+
+# --- threads: auto from the cores other processes leave free ------------------------------------------
+
+STAT_A = """cpu  100 0 100 800 0 0 0 0 0 0
+cpu0 50 0 50 400 0 0 0 0 0 0
+cpu1 50 0 50 400 0 0 0 0 0 0
+intr 1 2 3
+"""
+# one second later: cpu0 fully busy (another process), cpu1 idle
+STAT_B = """cpu  200 0 100 900 0 0 0 0 0 0
+cpu0 150 0 50 400 0 0 0 0 0 0
+cpu1 50 0 50 500 0 0 0 0 0 0
+"""
+
+
+def test_cpu_times_count_busy_and_total_jiffies_of_the_allowed_cpus():
+    from hpcml.training.precision import _cpu_times
+
+    assert _cpu_times(STAT_A, {0, 1}) == (200.0, 1000.0)
+    busy_a, total_a = _cpu_times(STAT_A, {0, 1})
+    busy_b, total_b = _cpu_times(STAT_B, {0, 1})
+    assert 2 * (1 - (busy_b - busy_a) / (total_b - total_a)) == 1.0  # one of two cores free
+    assert _cpu_times(STAT_B, {1}) == (100.0, 600.0)  # affinity: only cpu1 counts
+
+
+@pytest.mark.parametrize(
+    ("cores", "free", "procs", "threads"),
+    [
+        (2, 2.0, 1, 2),  # idle machine: every core
+        (2, 1.0, 1, 1),  # one core busy elsewhere: no thread waits on it
+        (2, 1.75, 1, 2),  # a little background noise still counts as free
+        (2, 1.5, 1, 1),
+        (2, 0.1, 1, 1),  # everything busy: still one thread
+        (16, 15.9, 4, 4),  # 4 ranks on a node share the free cores
+        (16, 8.0, 4, 2),
+    ],
+)
+def test_auto_threads_follow_the_free_cores(cores, free, procs, threads):
+    from hpcml.training.precision import choose_threads
+
+    n, why = choose_threads(cores, free, procs)
+    assert n == threads and why.startswith(f"auto: {free:.1f} of {cores} cores free")
+
+
+def test_report_records_the_thread_choice(tmp_path, small_cfg):
+    import hpcml
+
+    auto = hpcml.train({**small_cfg, "threads": None, "epochs": 1}, out=tmp_path / "a").report
+    assert 1 <= auto["threads"] <= 2 and auto["threads_reason"].startswith("auto: ")
+    fixed = hpcml.train({**small_cfg, "epochs": 1}, out=tmp_path / "f").report
+    assert fixed["threads"] == 1 and fixed["threads_reason"] == "requested"

@@ -18,6 +18,20 @@ from hpcml.errors import UsageError
 BUILTINS = ("mnist1d", "digits", "synthetic")
 
 
+@dataclass(frozen=True)
+class StreamSource:
+    """A store too large for the memory budget: which shards train and test, read from disk per epoch
+    (data/stream.py). Chosen once, when the Dataset is opened."""
+
+    store: str  # path or URL of the store
+    train: list[int]  # shard indices
+    test: list[int]
+    train_rows: int
+    test_rows: int
+    target: str
+    features: list[str] | None  # None: every column but the target
+
+
 @dataclass
 class Dataset:
     """Train/test arrays (float32 features, int64 labels) plus what a model needs to know about them."""
@@ -36,17 +50,16 @@ class Dataset:
     report: dict = field(default_factory=dict)  # cleaning counts, split sizes (user data)
     features: list[str] | None = None  # column names of a tabular file, recorded in the model
     target: str | None = None
-    # a store streamed from disk (data/stream.py): {store, train, test (shard indices), train_rows,
-    # test_rows, target, features}; the x/y arrays are then empty (0 rows, the right row shape)
-    stream: dict | None = None
+    # a store streamed from disk (data/stream.py); the x/y arrays are then empty (0 rows, right shape)
+    stream: StreamSource | None = None
 
     @property
     def train_rows(self) -> int:
-        return self.stream["train_rows"] if self.stream else len(self.x_train)
+        return self.stream.train_rows if self.stream else len(self.x_train)
 
     @property
     def test_rows(self) -> int:
-        return self.stream["test_rows"] if self.stream else len(self.x_test)
+        return self.stream.test_rows if self.stream else len(self.x_test)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 
 from hpcml.config import DataConfig
-from hpcml.data.sources import Dataset
+from hpcml.data.sources import Dataset, StreamSource
 from hpcml.errors import UsageError
 
 __all__ = ["DataWarning", "load_user_dataset", "read_user_table"]
@@ -178,15 +178,15 @@ def _streamed(cfg: DataConfig, path: str) -> Dataset | None:
         },  # fmt: skip
         features=features if kind == "tabular" else None,
         target=target,
-        stream={
-            "store": path,
-            "train": train,
-            "test": test,
-            "train_rows": rows(train),
-            "test_rows": rows(test),
-            "target": target,
-            "features": cfg.columns,
-        },  # fmt: skip
+        stream=StreamSource(
+            store=path,
+            train=train,
+            test=test,
+            train_rows=rows(train),
+            test_rows=rows(test),
+            target=target,
+            features=cfg.columns,
+        ),  # fmt: skip
     )
 
 

@@ -209,23 +209,19 @@ def _streamed(cfg: TrainConfig, data: Dataset, info: DistInfo, dev: torch.device
     st = data.stream
     if cfg.optim.name == "gd":
         raise UsageError("the gd optimizer needs the whole training set in memory; raise --memory-budget")
-    common = {"target": st["target"], "features": st["features"], "missing": cfg.data.missing}
+    common = {"target": st.target, "features": st.features, "missing": cfg.data.missing}
     normalizer = fit_normalizer_stream(
-        st["store"],
-        method=cfg.data.normalize,
-        shards=st["train"],
-        per_feature=data.kind == "tabular",
-        **common,
+        st.store, method=cfg.data.normalize, shards=st.train, per_feature=data.kind == "tabular", **common
     )
     batches = StreamBatches(
-        st["store"], shards=st["train"], batch_size=cfg.batch_size, seed=cfg.seed, rank=info.rank,
+        st.store, shards=st.train, batch_size=cfg.batch_size, seed=cfg.seed, rank=info.rank,
         world_size=info.world_size, accum=cfg.grad_accum, transform=normalizer, device=dev, **common,
     )  # fmt: skip
-    mine = st["test"][info.rank :: info.world_size]  # each rank scores its share; the sums are all-reduced
+    mine = st.test[info.rank :: info.world_size]  # each rank scores its share; the sums are all-reduced
 
     def chunks():
         return iter_eval_chunks(
-            st["store"], shards=mine, rows=cfg.eval_batch_size, transform=normalizer, device=dev, **common
+            st.store, shards=mine, rows=cfg.eval_batch_size, transform=normalizer, device=dev, **common
         )
 
-    return normalizer, batches, EvalSplit(chunks, st["test_rows"])
+    return normalizer, batches, EvalSplit(chunks, st.test_rows)

@@ -145,6 +145,7 @@ def write_results(run, state, *, run_dir, ckpt, key, t_wall):
         "compile": hw.compile,
         "compile_reason": hw.compile_reason,
         "threads": hw.threads,
+        "threads_reason": hw.threads_reason,
         "seed": cfg.seed,
         "hpcml_version": hpcml.__version__,
         "torch_version": torch.__version__,
