@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcml.crypto import decrypt_bytes, encrypt_bytes, key_from_env
 from hpcml.errors import HpcmlError, UsageError
 from hpcml.training import checkpoint as ckpt
 from hpcml.training.checkpoint import (
@@ -32,7 +33,6 @@ from hpcml.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from hpcml.crypto import decrypt_bytes, encrypt_bytes, key_from_env
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
