@@ -174,7 +174,7 @@ class TrainConfig(_Strict):
     threads: int | None = Field(
         None,
         gt=0,
-        description="torch threads per process; default (null): auto, the cores left free by other processes at start",
+        description="torch threads per process; null = auto: the cores other processes leave free",
     )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     patience: int | None = Field(
