@@ -27,7 +27,10 @@ SMALL = [
     ("args", "message"),
     [
         (["--data", "nope"], "unknown dataset 'nope': not a built-in (mnist1d, digits, synthetic)"),
-        (["--model", "resnet"], "model.name: unknown model 'resnet'; valid: auto, mlp, cnn1d, cnn2d"),
+        (
+            ["--model", "resnet"],
+            "model.name: unknown model 'resnet'; valid: auto, mlp, cnn1d, convnet1d, cnn2d",
+        ),
         (
             ["--optimizer", "lbfgs"],
             "optim.name: Input should be 'sgd', 'adam', 'adamw' or 'gd' (got 'lbfgs')",

@@ -16,7 +16,7 @@ app = typer.Typer(
     name="hpcml",
     help="Train and run ML models as fast as the hardware allows, and prove it.\n\n"
     "Examples:\n\n"
-    "  hpcml train                                  # cnn1d on MNIST-1D\n\n"
+    "  hpcml train                                  # convnet1d on MNIST-1D, 10 epochs\n\n"
     "  hpcml train --data digits --model cnn2d --json\n\n"
     "  hpcml evaluate runs/demo/model --data mnist1d",
     no_args_is_help=True,
@@ -171,7 +171,7 @@ def train(
     model: Annotated[
         str | None,
         typer.Option(
-            help="Model: auto, mlp, cnn1d, cnn2d, an installed plugin (hpcml models), or your own "
+            help="Model: auto, mlp, convnet1d, cnn1d, cnn2d, an installed plugin (hpcml models), or your own "
             "module:function returning an nn.Module (importable: on PYTHONPATH or installed)."
         ),
     ] = None,

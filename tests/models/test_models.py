@@ -30,15 +30,20 @@ def test_forward_backward(name, shape):
 
 
 def test_registry_and_defaults():
-    assert list_models() == ["mlp", "cnn1d", "cnn2d"]
-    assert default_model_for("sequence") == "cnn1d"
+    assert list_models() == ["mlp", "cnn1d", "convnet1d", "cnn2d"]
+    assert default_model_for("sequence") == "convnet1d"
     assert default_model_for("image") == "cnn2d"
     assert default_model_for("tabular") == "mlp"
     assert create_model("cnn1d", input_shape=(1, 40), num_outputs=10).head.in_features == 64 * 5
+    net = create_model("convnet1d", input_shape=(40,), num_outputs=10)
+    # five 3-wide convs (32 channels, no bias) + BatchNorm, two pools (40 -> 10), linear head
+    convs = 3 * 32 + 4 * 3 * 32 * 32
+    assert sum(p.numel() for p in net.parameters()) == convs + 5 * 2 * 32 + (32 * 10 * 10 + 10)
+    assert net(torch.zeros(3, 40)).shape == (3, 10)
 
 
 def test_bad_model_inputs():
-    with pytest.raises(UsageError, match="unknown model 'resnet'; valid: mlp, cnn1d, cnn2d"):
+    with pytest.raises(UsageError, match="unknown model 'resnet'; valid: mlp, cnn1d, convnet1d, cnn2d"):
         create_model("resnet", input_shape=(4,), num_outputs=2)
     with pytest.raises(UsageError, match="cnn2d needs inputs of 2 or 3 dims"):
         create_model("cnn2d", input_shape=(40,), num_outputs=2)

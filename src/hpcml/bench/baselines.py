@@ -2,6 +2,10 @@
 
 - `plain`: the idiomatic PyTorch loop: TensorDataset + DataLoader(shuffle=True), Adam, CrossEntropyLoss,
   `zero_grad(); loss.backward(); step()`, test accuracy after every epoch.
+- `plain tuned`: the same loop with a recipe someone can tune in an afternoon (TUNED): five 3-wide
+  convolutions with BatchNorm and GELU, two max-pools, 32 channels (~16k parameters; the same
+  architecture as hpcml's `convnet1d`), AdamW 3e-3 with OneCycle over 600 steps (15 epochs of 40
+  batches of 100). It reaches 98.5%+ on MNIST-1D, where the paper's CNN plateaus near 94-96%.
 - `lightning`: the same model, data loaders and optimizer in a LightningModule, run by
   `Trainer.fit` with its defaults (progress bar, logger and checkpoints off: they would only cost it
   time), stopped at the target by `EarlyStopping(stopping_threshold=...)`. Skipped, with the reason,
@@ -28,6 +32,7 @@ from hpcml.models.registry import create_model
 
 BATCH = 100
 LR = 1e-2
+TUNED = {"model": "convnet1d", "optimizer": "adamw", "lr": 3e-3, "onecycle": True, "epochs": 15}
 
 
 def lightning() -> tuple[Any, str | None]:
@@ -46,6 +51,17 @@ def lightning() -> tuple[Any, str | None]:
         return None, "Lightning is not installed (pip install 'hpcml[compare]')"
 
 
+def run_tuned(
+    data: tuple[torch.Tensor, ...], *, seed: int, threads: int, device: str = "cpu", warmup: bool = False
+):
+    """The hand-tuned plain loop (TUNED), run to its end: time to each target comes from its curve."""
+    kw = {k: v for k, v in TUNED.items() if k not in ("model", "epochs")}
+    epochs = 1 if warmup else TUNED["epochs"]
+    return run_plain(
+        TUNED["model"], data, seed=seed, epochs=epochs, threads=threads, target=None, device=device, **kw
+    )
+
+
 def run_plain(
     model_name: str,
     data: tuple[torch.Tensor, ...],
@@ -56,6 +72,9 @@ def run_plain(
     target: float | None,
     batch_size: int = BATCH,
     device: str = "cpu",
+    optimizer: str = "adam",
+    lr: float = LR,
+    onecycle: bool = False,
 ) -> dict[str, Any]:
     """Train with the plain loop. Time to target counts the loop from its start to the end of the
     epoch whose test evaluation reached the target (evaluation included, as for hpcml)."""
@@ -64,9 +83,15 @@ def run_plain(
     x_tr, y_tr, x_te, y_te = (t.to(dev) for t in data)
     torch.manual_seed(seed)
     model = create_model(model_name, input_shape=tuple(x_tr.shape[1:]), num_outputs=10).to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     loader = DataLoader(TensorDataset(x_tr, y_tr), batch_size=batch_size, shuffle=True)
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(loader))
+        if onecycle
+        else None
+    )
     step_seconds, time_to_target, acc = 0.0, None, 0.0
     curve: list[list[float]] = []
     t_loop = now(dev)
@@ -74,9 +99,11 @@ def run_plain(
         t0 = now(dev)
         model.train()
         for xb, yb in loader:
-            optimizer.zero_grad()
+            opt.zero_grad()
             loss_fn(model(xb), yb).backward()
-            optimizer.step()
+            opt.step()
+            if sched is not None:
+                sched.step()
         step_seconds += now(dev) - t0
         model.eval()
         with torch.no_grad():

@@ -191,7 +191,7 @@ def breakdown_case(ctx) -> dict[str, Any]:
     steps = ctx.suite.breakdown_steps
     base = {"threads": ctx.threads, "device": ctx.device}
     configs = {
-        "cnn1d, MNIST-1D, batch 100 (default recipe)": ({"model": {"name": "cnn1d"}, **base}, steps),
+        "convnet1d, MNIST-1D, batch 100 (default recipe)": ({**base}, steps),
         "MLP, MNIST-1D, batch 100 (case 2)": ({"model": {"name": "mlp"}, **base}, steps),
         # ~0.3 s a step on 2 CPU cores: few steps suffice, its per-step overheads are negligible
         "compute-bound MLP (case 3)": (mfu_config(ctx, rows=4096, epochs=1), max(3, steps // 8)),

@@ -21,6 +21,7 @@ from hpcml.bench.flops import datasheet_peak, measured_matmul_peak, train_step_f
 from hpcml.bench.timers import interleave, ratio, summarize
 
 TARGET = 0.94
+TARGET_HIGH = 0.985
 
 
 @dataclass(frozen=True)
@@ -135,54 +136,104 @@ def _log_run(ctx: Context, unit: str, key: str):
     return log
 
 
+def _time_to(curve: list[list[float]], target: float) -> float | None:
+    """Seconds (evaluation included) until the first epoch whose test accuracy reached `target`."""
+    return next((t for t, acc in curve if acc >= target), None)
+
+
 def time_to_accuracy(ctx: Context) -> dict[str, Any]:
-    """Case 1: seconds to 94% test accuracy on MNIST-1D with cnn1d, per-epoch evaluation included
-    for every contender (hpcml's report["time_to_target_seconds"] counts it too); no data loading."""
+    """Case 1: seconds to 94% and to 98.5% test accuracy on MNIST-1D, per-epoch evaluation included
+    for every contender; no data loading. hpcml runs its default recipe (`hpcml train`, nothing
+    changed) to its end; `plain` is the paper's CNN in a DataLoader loop, stopped at 94%; `plain tuned`
+    is a hand-tuned DataLoader loop (baselines.TUNED) run to its end; Lightning trains the paper's CNN."""
     epochs = ctx.suite.target_epochs
 
     def make(name: str) -> Callable[[int], dict]:
         def run(rep: int) -> dict:
             seed = max(rep, 0)
-            target = None if rep < 0 else TARGET
-            n_epochs = 1 if rep < 0 else epochs  # the warm-up: one untimed epoch
             if name == "hpcml":
-                cfg = {"model": {"name": "cnn1d"}, "epochs": n_epochs, "seed": seed, "threads": ctx.threads}
-                cfg |= {"device": ctx.device, "target_accuracy": target}
+                cfg = {"seed": seed, "threads": ctx.threads, "device": ctx.device}
+                if rep < 0:
+                    cfg["epochs"] = 1  # the warm-up: one untimed epoch
                 run_ = ctx.train(cfg)
-                return {
-                    "time_to_target": run_.report["time_to_target_seconds"],
+                curve = [[m["elapsed_seconds"], m["test_accuracy"]] for m in run_.metrics]
+                r = {
                     "epochs": run_.report["epochs"],
                     "test_accuracy": run_.report["test_accuracy"],
-                    "curve": [[m["elapsed_seconds"], m["test_accuracy"]] for m in run_.metrics],
-                    # default per-epoch checkpoints are part of what users get, so they stay timed
-                    "checkpoint_seconds": (run_.report.get("checkpoints") or {}).get("seconds"),
+                    "curve": curve,
                 }
-            fn = baselines.run_plain if name == "plain" else baselines.run_lightning
-            kw = {"seed": seed, "epochs": n_epochs, "threads": ctx.threads, "target": target}
-            r = fn("cnn1d", ctx.mnist1d(), device=ctx.device, **kw)
-            keep = ("time_to_target", "epochs", "test_accuracy", "curve")
-            return {k: r[k] for k in keep}
+                r["model"] = run_.report["model"]
+                # default per-epoch checkpoints are part of what users get, so they stay timed
+                r["checkpoint_seconds"] = (run_.report.get("checkpoints") or {}).get("seconds")
+            elif name == "plain tuned":
+                r = baselines.run_tuned(
+                    ctx.mnist1d(), seed=seed, threads=ctx.threads, device=ctx.device, warmup=rep < 0
+                )
+            else:
+                fn = baselines.run_plain if name == "plain" else baselines.run_lightning
+                kw = {"seed": seed, "epochs": 1 if rep < 0 else epochs, "threads": ctx.threads}
+                r = fn("cnn1d", ctx.mnist1d(), device=ctx.device, target=None if rep < 0 else TARGET, **kw)
+            keep = ("epochs", "test_accuracy", "curve", "model", "checkpoint_seconds")
+            out = {k: r[k] for k in keep if k in r}
+            out["time_to_target"] = _time_to(r["curve"], TARGET)
+            out["time_to_985"] = _time_to(r["curve"], TARGET_HIGH)
+            out["epochs_run"] = len(r["curve"])
+            # epochs to 94%, which the recipe-vs-loop split compares (all of them if never reached)
+            out["epochs"] = next(
+                (i + 1 for i, (_, a) in enumerate(r["curve"]) if a >= TARGET), len(r["curve"])
+            )
+            return out
 
         return run
 
     ctx.mnist1d()
     runnable, skips = _contenders(ctx, make)
+    runnable = {**runnable, "plain tuned": make("plain tuned")}
     runs = interleave(runnable, repeats=ctx.repeat, on_result=_log_run(ctx, "s", "time_to_target"))
     contenders = _collect(runs, skips, "time_to_target", higher=False)
-    speed = {o: _speedup(contenders, o, higher=False) for o in ("plain", "lightning")}
+    for name, rs in runs.items():
+        contenders[name]["to_985"] = summarize([r["time_to_985"] for r in rs])
+        contenders[name]["final_accuracy"] = summarize(
+            [r["test_accuracy"] for r in rs], higher_is_better=True
+        )
+    speed = {o: _speedup(contenders, o, higher=False) for o in ("plain", "lightning", "plain tuned")}
+    h985, t985 = contenders["hpcml"]["to_985"]["median"], contenders["plain tuned"]["to_985"]["median"]
+    speed_985 = ratio(t985, h985)
+    final = contenders["hpcml"]["final_accuracy"]["median"]
     limit = _recipe_vs_loop(contenders)
     return {
         "name": "time-to-accuracy",
-        "title": f"Time to {TARGET:.0%} test accuracy, MNIST-1D, cnn1d (batch {baselines.BATCH})",
+        "title": f"Time to {TARGET:.0%} and {TARGET_HIGH:.1%} test accuracy, MNIST-1D (hpcml: defaults)",
         "status": "ok",
         "metric": "seconds",
         "higher_is_better": False,
-        "config": {"target": TARGET, "epoch_cap": epochs, "batch_size": baselines.BATCH, "eval": "included"},
+        "config": {
+            "targets": [TARGET, TARGET_HIGH],
+            "epoch_cap": epochs,
+            "batch_size": baselines.BATCH,
+            "eval": "included",
+            "plain_tuned": baselines.TUNED,
+        },  # fmt: skip
         "contenders": contenders,
         "speedups": speed,
+        "speedup_985_vs_tuned": speed_985,
         "goals": [
             goal("time to 94%: >= 2x faster than plain PyTorch", speed["plain"], 2.0, limit=limit),
             goal("time to 94%: >= 3x faster than Lightning", speed["lightning"], 3.0, limit=limit),
+            goal(
+                "default recipe: final test accuracy >= 98.5% (median)",
+                final,
+                TARGET_HIGH,
+                unit="",
+                limit="the default model and schedule (models/cnn.py ConvNet1d, onecycle)",
+            ),
+            goal(
+                "time to 98.5%: >= 2x faster than a hand-tuned plain loop",
+                speed_985,
+                2.0,
+                limit=f"hpcml {h985 or float('nan'):.2f} s vs tuned loop {t985 or float('nan'):.2f} s; same "
+                "architecture, so the gap is the recipe (fewer epochs) x the loop (no DataLoader)",
+            ),
         ],
     }
 
@@ -206,7 +257,7 @@ def _recipe_vs_loop(contenders: dict) -> str:
         parts.append(
             f"hpcml's default checkpoints: {statistics.median(ckpt):.2f} s a run, final one included"
         )
-    return "; ".join(parts) + " (cnn1d's small convolutions leave little per-epoch overhead to remove)"
+    return "; ".join(parts) + " (small convolutions leave little per-epoch overhead to remove)"
 
 
 def throughput(ctx: Context) -> dict[str, Any]:

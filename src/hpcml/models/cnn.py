@@ -62,3 +62,28 @@ class CNN2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.view(x.shape[0], *self.shape)))
+
+
+class ConvNet1d(nn.Module):
+    """hpcml's default for sequences: five 3-wide convolutions with BatchNorm and GELU, max-pooled
+    twice, and a linear head (~16k parameters at 32 channels on MNIST-1D). Faster to a better model
+    than the paper's CNN (`cnn1d`): BatchNorm lets the one-cycle schedule use a high learning rate."""
+
+    def __init__(self, *, input_shape: tuple[int, ...], num_outputs: int, channels: int = 32):
+        super().__init__()
+        self.shape = _as_channels_first(input_shape, 1, "convnet1d")
+        if self.shape[1] < 4:
+            raise ValueError(f"convnet1d pools twice: sequences need length >= 4, got {self.shape[1]}")
+
+        def block(c_in: int) -> list[nn.Module]:
+            return [nn.Conv1d(c_in, channels, 3, padding=1, bias=False), nn.BatchNorm1d(channels), nn.GELU()]
+
+        self.features = nn.Sequential(
+            *block(self.shape[0]), *block(channels), nn.MaxPool1d(2),
+            *block(channels), *block(channels), nn.MaxPool1d(2),
+            *block(channels), nn.Flatten(),
+        )  # fmt: skip
+        self.head = nn.Linear(channels * (self.shape[1] // 4), num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.view(x.shape[0], *self.shape)))

@@ -45,6 +45,7 @@ ENTRY_POINT_GROUP = "hpcml.models"
 _BUILTINS: dict[str, str] = {
     "mlp": "hpcml.models.mlp:MLP",
     "cnn1d": "hpcml.models.cnn:CNN1d",
+    "convnet1d": "hpcml.models.cnn:ConvNet1d",
     "cnn2d": "hpcml.models.cnn:CNN2d",
 }
 MODEL_NAMES = tuple(_BUILTINS)
@@ -62,7 +63,7 @@ def list_models() -> list[str]:
 
 def default_model_for(kind: str) -> str:
     """The model `--model auto` picks for a dataset kind (sequence, image, tabular)."""
-    return {"sequence": "cnn1d", "image": "cnn2d"}.get(kind, "mlp")
+    return {"sequence": "convnet1d", "image": "cnn2d"}.get(kind, "mlp")
 
 
 @functools.cache
