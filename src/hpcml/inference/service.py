@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -227,6 +228,13 @@ class _Arrivals:
             self.service.metrics.request(scope["path"], status, time.perf_counter() - t0)
 
 
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field, without echoing the input (it may be NaN, which JSON cannot carry,
+    and it is the caller's payload)."""
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
 def create_app(cfg: ServeConfig, token: str, *, on_fatal: Callable[[str], None]) -> FastAPI:
     """The app for one worker. `on_fatal(message)` is called if the model cannot be loaded."""
     service = Service(cfg, on_fatal=on_fatal)
@@ -241,6 +249,7 @@ def create_app(cfg: ServeConfig, token: str, *, on_fatal: Callable[[str], None])
             await service.batcher.stop()
 
     app = FastAPI(title="hpcml serve", version="1", lifespan=lifespan)
+    app.add_exception_handler(RequestValidationError, _invalid)
     app.state.service = service
     app.include_router(_router(service, token))
     require_token = _auth(token)
