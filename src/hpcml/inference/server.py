@@ -174,10 +174,8 @@ def serve(cfg: ServeConfig, *, log: Callable[[str], None] = print) -> None:
     import_serve()
     cfg = check_config(cfg)
     token, source = load_token()
-    if cfg.backend == "ray":
-        from hpcml.inference.ray_serve import serve_ray
-
-        return serve_ray(cfg, token, log=log)
+    if cfg.backend == "ray":  # not built yet: say so rather than serve something else
+        raise UsageError("--backend ray (Ray Serve) is not available yet; use --workers N on this machine")
     sock = _bind(cfg.host, cfg.port)
     port = sock.getsockname()[1]
     scheme = "https" if cfg.tls_cert else "http"
