@@ -345,7 +345,7 @@ def test_schemathesis_finds_no_server_error(clf_dir, tmp_path):
              "--checks", "not_a_server_error", "--max-examples", "100", "--seed", "1",
              "--generation-database", "none", "--report", "junit", "--report-junit-path",
              str(tmp_path / "st.xml")],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
         )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     tests = sum(int(m) for m in re.findall(r"(\d+) generated", r.stdout))
