@@ -404,6 +404,10 @@ from hpcml.cli_models import register as _register_models  # noqa: E402  (`hpcml
 
 _register_models(app)
 
+from hpcml.cli_serve import register as _register_serve  # noqa: E402  (`hpcml serve`; no torch, no fastapi)
+
+_register_serve(app)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Usage errors exit 2, runtime failures 1; no traceback unless --debug."""

@@ -22,6 +22,7 @@ HELP = (
     "  hpcml bench                         # quick suite: < 3 min on 2 cores\n\n"
     "  hpcml bench --suite full --out benchmarks/results\n\n"
     "  hpcml bench --cases time-to-accuracy,mfu --repeat 5 --json\n\n"
+    "  hpcml bench --cases serve               # hpcml serve vs a naive FastAPI endpoint (+ LitServe)\n\n"
     "  hpcml bench --doctor runs/X/config.yaml     # where does the step time go?"
 )
 
@@ -33,7 +34,7 @@ def _bench(
         typer.Option(
             "--cases",
             help="Cases to run, comma-separated or repeated: time-to-accuracy, throughput, mfu, "
-            "scaling, predict, breakdown (default: all).",
+            "scaling, predict, breakdown, precision, serve (default: all).",
         ),
     ] = None,
     repeat: Annotated[int | None, typer.Option(help="Repeats per contender (default: suite's).")] = None,

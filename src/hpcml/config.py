@@ -21,6 +21,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
+    "ServeConfig",
     "TrainConfig",
     "load_config",
     "dump_config",
@@ -189,6 +190,35 @@ class TrainConfig(_Strict):
         if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
             raise ValueError(f"unknown device {v!r}; valid: auto, cpu, cuda, cuda:N")
         return v
+
+
+class ServeConfig(_Strict):
+    """`hpcml serve`: where it listens, how it batches, what it accepts. The token is not here: it
+    comes from HPCML_SERVE_TOKEN_FILE (a 0600 file) or HPCML_SERVE_TOKEN, never from a flag."""
+
+    model_dir: str
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="0: a free port (printed when listening)")
+    workers: int = Field(1, ge=1, le=64, description="server processes; workers x threads = cores")
+    threads: int | None = Field(None, ge=1, description="torch threads per worker (default cores/workers)")
+    max_batch: int = Field(64, ge=1, le=65536, description="rows per forward, at most")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="longest wait for more rows")
+    max_rows: int = Field(1024, ge=1, description="rows per request, at most (more: 413)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body, at most (more: 413)")
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure_http: bool = Field(False, description="allow plain HTTP on a non-loopback host")
+    trust_code: bool = False
+    audit_log: str | None = Field(None, description="JSON-lines audit file (default: stderr)")
+    backend: Literal["local", "ray"] = "local"
+    replicas: int = Field(1, ge=1, description="ray: Serve replicas")
+    address: str | None = Field(None, description="ray: HOST:PORT of a running cluster (default: local)")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServeConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        return self
 
 
 def format_validation_error(err: ValidationError, *, source: str = "config") -> str:

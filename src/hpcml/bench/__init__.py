@@ -6,8 +6,8 @@
     doctor("runs/X/config.yaml")["hints"]
 
 Cases (each reports hpcml and its baselines in the same run, as ratios): time-to-accuracy,
-throughput, mfu, scaling, predict, breakdown. Method: untimed warm-up, synchronized timestamps,
-contenders interleaved over repeats, median with min/max, environment recorded.
+throughput, mfu, scaling, predict, breakdown, precision, serve (HTTP). Method: untimed warm-up,
+synchronized timestamps, contenders interleaved over repeats, median with min/max, environment recorded.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from hpcml.errors import UsageError
 
 __all__ = ["bench", "benchmark", "doctor", "CASES", "SUITE_NAMES"]
 
-CASES = ("time-to-accuracy", "throughput", "mfu", "scaling", "predict", "breakdown", "precision")
+CASES = ("time-to-accuracy", "throughput", "mfu", "scaling", "predict", "breakdown", "precision", "serve")
 SUITE_NAMES = ("quick", "full")
 
 
@@ -120,6 +120,7 @@ def bench(
         "predict": c2.predict_scaling,
         "breakdown": breakdown_case,
         "precision": precision_case,
+        "serve": _serve_case,
     }
     env = environment(threads, device)
     t0 = time.perf_counter()
@@ -154,6 +155,21 @@ def bench(
 
         result["files"] = [str(p) for p in write(result, Path(out), stem or default_stem())]
     return result
+
+
+def _serve_case(ctx: Any) -> dict[str, Any]:
+    """The serve case needs the `serve` extra; without it the case is skipped, not failed."""
+    from hpcml.bench.cases import skipped
+
+    try:
+        import fastapi  # noqa: F401
+        import httpx  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        return skipped("serve", "HTTP serving", f"needs {err.name}: pip install 'hpcml[serve]'")
+    from hpcml.bench.cases_serve import serve_case
+
+    return serve_case(ctx)
 
 
 def _limits_from_breakdown(results: dict[str, Any]) -> None:

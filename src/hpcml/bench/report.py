@@ -73,6 +73,7 @@ def case_rows(case: dict[str, Any]) -> list[list[str]]:
             note = f"MFU {case['mfu_measured_peak']:.0%} of measured peak"
             if case.get("mfu_datasheet") is not None:
                 note += f", {case['mfu_datasheet']:.0%} of datasheet"
+        note = c.get("note", note)  # a case may word its own note (serve: latency, ratios)
         cells = [_fmt(s[k], metric) for k in ("median", "min", "max")]
         rows.append([name, contender, *cells, str(s["runs"]), note])
     return rows

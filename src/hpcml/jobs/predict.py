@@ -14,7 +14,6 @@ equal the model's input size.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ import numpy as np
 
 from hpcml._files import atomic_file
 from hpcml.errors import UsageError
+from hpcml.inference.columns import choose_columns as _choose
+from hpcml.inference.columns import table_matrix as _matrix
 from hpcml.jobs.tasks import Runner, Task, attached, cores
 
 __all__ = ["predict_parallel", "read_input", "write_output", "OUTPUT_FORMATS"]
@@ -166,31 +167,6 @@ def read_input(data: Any, model: Any) -> tuple[np.ndarray, str]:
     return _from_table(path, name, fmt, fs, fpath, model), name
 
 
-def _choose(columns: list[tuple[str, bool]], model: Any, name: str) -> list[str]:
-    """The model's feature columns, by name if it recorded them, else all numeric but the target."""
-    names = [c for c, _ in columns]
-    wanted = model.meta.get("features")
-    if wanted:
-        missing = [c for c in wanted if c not in names]
-        if missing:
-            raise UsageError(
-                f"{name}: missing column(s) {', '.join(map(repr, missing))} that the model was trained "
-                f"on; the input has: {', '.join(names)}"
-            )
-        return list(wanted)
-    target = model.meta.get("target")
-    numeric = [c for c, ok in columns if ok and c != target]
-    need = math.prod(model.input_shape)
-    if len(numeric) != need:
-        skipped = [c for c, ok in columns if not ok or c == target]
-        raise UsageError(
-            f"{name}: {len(numeric)} numeric feature column(s) but the model takes {need} inputs "
-            f"(input shape {list(model.input_shape)})"
-            + (f"; not used: {', '.join(skipped)}" if skipped else "")
-        )
-    return numeric
-
-
 def _from_table(path: str, name: str, fmt: str, fs: Any, fpath: str, model: Any) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -243,22 +219,6 @@ def _from_numpy(fs: Any, fpath: str, name: str, fmt: str) -> np.ndarray:
     if loaded.dtype.kind not in "biuf":
         raise UsageError(f"{name}: features must be numeric, got dtype {loaded.dtype}")
     return loaded
-
-
-def _matrix(table: Any, feats: list[str], name: str) -> np.ndarray:
-    import pyarrow as pa
-
-    x = np.empty((table.num_rows, len(feats)), np.float32)
-    for j, col in enumerate(feats):
-        x[:, j] = table.column(col).cast(pa.float64()).to_numpy(zero_copy_only=False)
-    bad = ~np.isfinite(x)
-    if bad.any():  # a guessed value would be a silent wrong answer: name the first bad cell instead
-        i = int(np.argmax(bad.any(axis=1)))
-        raise UsageError(
-            f"{name}: row {i + 1}, column {feats[int(np.argmax(bad[i]))]!r} is missing or not finite "
-            f"({int(bad.any(axis=1).sum())} such row(s)); clean the input before predicting"
-        )
-    return x
 
 
 # ------------------------------------------------------------------------------------------ output
