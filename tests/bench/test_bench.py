@@ -263,7 +263,7 @@ def test_quick_suite_smoke(cli, tmp_path):
     for p in ("fp32", "bf16"):
         run = precision["contenders"][f"default recipe (convnet1d), {p}"]["runs"][0]
         assert run["train_seconds"] > 0 and 0.5 < run["test_accuracy"] <= 1.0
-    assert len(goals) == 8 + 3 and all(
+    assert len(goals) == 8 + 3 + 3 and all(
         {"goal", "target", "value", "met", "note", "case"} <= set(g) for g in goals
     )
 
