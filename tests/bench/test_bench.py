@@ -21,7 +21,17 @@ from hpcml.errors import UsageError
 from hpcml.models.registry import create_model
 from hpcml.training.precision import available_cores
 
-CASES = ["time-to-accuracy", "throughput", "mfu", "scaling", "predict", "breakdown", "precision", "serve"]
+CASES = [
+    "time-to-accuracy",
+    "throughput",
+    "mfu",
+    "scaling",
+    "predict",
+    "breakdown",
+    "precision",
+    "busy",
+    "serve",
+]
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------
@@ -263,7 +273,10 @@ def test_quick_suite_smoke(cli, tmp_path):
     for p in ("fp32", "bf16"):
         run = precision["contenders"][f"default recipe (convnet1d), {p}"]["runs"][0]
         assert run["train_seconds"] > 0 and 0.5 < run["test_accuracy"] <= 1.0
-    assert len(goals) == 8 + 3 + 3 and all(
+    busy = cases["busy"]
+    if busy["status"] == "ok":
+        assert {c["threads"][0] for k, c in busy["contenders"].items() if k.endswith("1 thread")} == {1}
+    assert len(goals) == 8 + 3 + 3 + 2 * (busy["status"] == "ok") and all(
         {"goal", "target", "value", "met", "note", "case"} <= set(g) for g in goals
     )
 

@@ -26,7 +26,17 @@ from hpcml.errors import UsageError
 
 __all__ = ["bench", "benchmark", "doctor", "CASES", "SUITE_NAMES"]
 
-CASES = ("time-to-accuracy", "throughput", "mfu", "scaling", "predict", "breakdown", "precision", "serve")
+CASES = (
+    "time-to-accuracy",
+    "throughput",
+    "mfu",
+    "scaling",
+    "predict",
+    "breakdown",
+    "precision",
+    "busy",
+    "serve",
+)
 SUITE_NAMES = ("quick", "full")
 
 
@@ -93,6 +103,7 @@ def bench(
     from hpcml.bench import cases as c1
     from hpcml.bench import cases_parallel as c2
     from hpcml.bench.breakdown import breakdown_case
+    from hpcml.bench.cases_busy import busy_case
     from hpcml.bench.cases_precision import precision_case
     from hpcml.training.precision import available_cores
 
@@ -120,6 +131,7 @@ def bench(
         "predict": c2.predict_scaling,
         "breakdown": breakdown_case,
         "precision": precision_case,
+        "busy": busy_case,
         "serve": _serve_case,
     }
     env = environment(threads, device)
