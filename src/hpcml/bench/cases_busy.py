@@ -67,7 +67,7 @@ def busy_case(ctx: Context) -> dict[str, Any]:
     idle_ratio = ratio(med[f"idle: {cores} threads"], med["idle: auto"])
     return {
         "name": "busy",
-        "title": f"Default recipe, {ctx.suite.throughput_epochs} epochs: threads auto vs fixed, idle and busy",
+        "title": f"Default recipe, {ctx.suite.throughput_epochs} epochs: threads auto vs fixed, idle, busy",
         "status": "ok",
         "metric": "seconds",
         "higher_is_better": False,
