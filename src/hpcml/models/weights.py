@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hpcml.errors import HpcmlError, UsageError
+from hpcml.models.int8 import swap_int8
 from hpcml.models.registry import MODEL_NAMES, ModelBuildError, create_model
 from hpcml.models.schema import ModelMeta
 
@@ -98,6 +99,8 @@ def expected_state(
                 trust_code=trust_code,
                 **meta.kwargs,
             )
+            if meta.quantization is not None:  # int8 layers: their header entries are int8 + scales
+                swap_int8(module, meta.quantization.layers, where=where)
     except ModelBuildError:  # the user's factory needs real tensors (e.g. it computes with them)
         return None
     except UsageError as err:
