@@ -28,10 +28,10 @@ from torch import nn
 from hpcml._files import atomic_dir
 from hpcml.data.preprocess import Normalizer
 from hpcml.errors import HpcmlError, UsageError
-from hpcml.models.int8 import swap_int8
 from hpcml.models.registry import check_trust, create_model
 from hpcml.models.schema import FORMAT, MAX_META_BYTES, ModelMeta, validate_meta, validate_sealed
 from hpcml.models.weights import (
+    apply_compression,
     bounded_state,
     check_header,
     declared_limit,
@@ -155,11 +155,19 @@ def _unseal(doc: dict[str, Any], meta_path: Path, key: bytes | None) -> tuple[di
     return {**meta, "weights_sha256": doc["weights_sha256"]}, key
 
 
-def save_model(out: str | Path, module: nn.Module, meta: dict[str, Any], *, key: bytes | None = None) -> Path:
+def save_model(
+    out: str | Path,
+    module: nn.Module,
+    meta: dict[str, Any],
+    *,
+    key: bytes | None = None,
+    extra: dict[str, str] | None = None,
+) -> Path:
     """Write the model dir atomically: a temporary sibling folder, fsynced, renamed into place.
 
     A crash at any point leaves either no `out` or a complete one, never a half-written dir. With a
-    `key` (32 bytes) the dir is encrypted (see the module docstring).
+    `key` (32 bytes) the dir is encrypted (see the module docstring). `extra` files (name -> text,
+    e.g. compress.json) are written in the same atomic step; the loader reads none of them.
     """
     from safetensors.torch import save
 
@@ -173,6 +181,8 @@ def save_model(out: str | Path, module: nn.Module, meta: dict[str, Any], *, key:
     with atomic_dir(out) as tmp:  # an existing model dir at `out` is replaced
         (tmp / "model.safetensors").write_bytes(blob)
         (tmp / "model.json").write_text(json.dumps(doc, indent=2))
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return out
 
 
@@ -229,8 +239,7 @@ def load_model(
         )  # fmt: skip
     except UsageError as err:  # a user model that fails on the CPU too
         raise UsageError(f"{meta_path}: {err}") from None
-    if spec.quantization is not None:
-        swap_int8(module, spec.quantization.layers, where=meta_path)
+    apply_compression(module, spec, meta_path)
     if expected is None:  # not buildable on meta: compared now, the file already bounded by its header
         check_header(blob, bounded_state(module, spec, meta_path), weights)
     try:

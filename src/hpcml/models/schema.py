@@ -65,6 +65,7 @@ class ModelMeta(BaseModel):
     target_scale: TargetScale | None = None
     preprocessing: Preprocessing
     quantization: Quantization | None = None
+    pruned_widths: dict[StrictStr, StrictInt] | None = Field(None, max_length=4096)  # user chains
     weights_sha256: str = Field(pattern="^[0-9a-f]{64}$")
 
     @field_validator("input_shape")

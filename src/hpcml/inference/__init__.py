@@ -1,0 +1,1 @@
+"""After training: the forward path for predict/evaluate, compress (prune, int8) and export (ONNX)."""
