@@ -6,8 +6,9 @@
     doctor("runs/X/config.yaml")["hints"]
 
 Cases (each reports hpcml and its baselines in the same run, as ratios): time-to-accuracy,
-throughput, mfu, scaling, predict, breakdown. Method: untimed warm-up, synchronized timestamps,
-contenders interleaved over repeats, median with min/max, environment recorded.
+throughput, mfu, scaling, predict, breakdown, precision, compress. Method: untimed warm-up,
+synchronized timestamps, contenders interleaved over repeats, median with min/max, environment
+recorded.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from hpcml.errors import UsageError
 
 __all__ = ["bench", "benchmark", "doctor", "CASES", "SUITE_NAMES"]
 
-CASES = ("time-to-accuracy", "throughput", "mfu", "scaling", "predict", "breakdown", "precision")
+CASES = ("time-to-accuracy", "throughput", "mfu", "scaling", "predict", "breakdown", "precision", "compress")
 SUITE_NAMES = ("quick", "full")
 
 
@@ -93,6 +94,7 @@ def bench(
     from hpcml.bench import cases as c1
     from hpcml.bench import cases_parallel as c2
     from hpcml.bench.breakdown import breakdown_case
+    from hpcml.bench.cases_compress import compress_case
     from hpcml.bench.cases_precision import precision_case
     from hpcml.training.precision import available_cores
 
@@ -120,6 +122,7 @@ def bench(
         "predict": c2.predict_scaling,
         "breakdown": breakdown_case,
         "precision": precision_case,
+        "compress": compress_case,
     }
     env = environment(threads, device)
     t0 = time.perf_counter()

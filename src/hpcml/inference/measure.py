@@ -87,8 +87,10 @@ def latencies(
     threads: int,
     batches: tuple[int, ...] = BATCHES,
     budget_s: float = 0.5,
+    reps: int = 7,
 ) -> dict[str, Any]:
-    """{"batch_<n>": {contender: {"ms": median, "spread_ms": [min, max]}}}, measured interleaved.
+    """{"batch_<n>": {contender: {"ms": median, "spread_ms": [min, max], "samples_ms": [...]}}},
+    measured interleaved.
 
     Each contender is warmed up, then timed in `reps` rounds of `calls` calls (sized from the
     warm-up so a round of all contenders takes about budget_s / reps)."""
@@ -98,14 +100,13 @@ def latencies(
         for batch in batches:
             x = rng.standard_normal((batch, *input_shape)).astype(np.float32)
             first = {name: _time(fn, x, 3) for name, fn in contenders.items()}  # warm-up
-            reps = 7
             calls = max(1, int(budget_s / reps / max(sum(first.values()), 1e-7)))
             samples: dict[str, list[float]] = {name: [] for name in contenders}
             for _ in range(reps):
                 for name, fn in contenders.items():
                     samples[name].append(_time(fn, x, calls) * 1e3)
             out[f"batch_{batch}"] = {
-                name: {"ms": statistics.median(s), "spread_ms": [min(s), max(s)]}
+                name: {"ms": statistics.median(s), "spread_ms": [min(s), max(s)], "samples_ms": s}
                 for name, s in samples.items()
             }
     return out
