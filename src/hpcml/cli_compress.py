@@ -77,7 +77,9 @@ def compress(
     ] = None,
     quantize: Annotated[str | None, typer.Option(help="int8: Linear layers as int8 weights.")] = None,
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of fine-tuning after --prune.")] = 0,
-    finetune_lr: Annotated[float, typer.Option(help="Learning rate of the fine-tuning.")] = 1e-3,
+    finetune_lr: Annotated[
+        float, typer.Option(help="Peak learning rate of the fine-tuning (warm-up + cosine, AdamW).")
+    ] = 1e-2,
     data: Annotated[str | None, _DATA] = None,
     threads: Annotated[int, _THREADS] = 1,
     trust_code: Annotated[bool, _TRUST] = False,

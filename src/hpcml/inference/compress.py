@@ -118,7 +118,7 @@ def compress(
     prune: float | None = None,
     quantize: str | None = None,
     finetune_epochs: int = 0,
-    finetune_lr: float = 1e-3,
+    finetune_lr: float = 1e-2,
     data: str | None = None,
     threads: int = 1,
     trust_code: bool = False,
