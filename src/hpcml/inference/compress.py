@@ -51,7 +51,10 @@ def _source(model_dir: str | Path, out: str | Path, trust_code: bool) -> tuple[M
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise UsageError(f"--out {out} would overwrite the source model dir {model_dir}; pick another path")
     meta_file = src / "model.json"
-    encrypted = meta_file.is_file() and b'"encryption"' in meta_file.read_bytes()[:4096]
+    encrypted = False
+    if meta_file.is_file():  # load_model checks the file properly; this only picks the key to pass
+        with open(meta_file, "rb") as f:
+            encrypted = b'"encryption"' in f.read(4096)
     key = key_from_env() if encrypted else None
     return load_model(src, key=key, trust_code=trust_code), key  # no key: a one-line error, exit 2
 
@@ -63,7 +66,9 @@ def _data(model: Model, data: str | None) -> DataConfig:
         raise UsageError("pass --data: the model dir does not name the data it was trained on")
     if data is None and name not in BUILTINS:
         raise UsageError(f"pass --data: the model was trained on {name}, which is not a built-in dataset")
-    return DataConfig(name=name)
+    if name in BUILTINS:
+        return DataConfig(name=name)
+    return DataConfig(name=name, target=model.meta.get("target"))  # a file: the model's label column
 
 
 def _metric(model: Any, data: DataConfig) -> dict[str, Any]:
