@@ -21,7 +21,7 @@ from hpcml.errors import UsageError
 from hpcml.models.registry import create_model
 from hpcml.training.precision import available_cores
 
-CASES = ["time-to-accuracy", "throughput", "mfu", "scaling", "predict", "breakdown", "precision"]
+CASES = ["time-to-accuracy", "throughput", "mfu", "scaling", "predict", "breakdown", "precision", "compress"]
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------

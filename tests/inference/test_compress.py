@@ -210,6 +210,11 @@ def test_int8_round_trips_through_safetensors_and_never_unpickles(wide_dir, held
     drop = float((float_model.predict(x) == y).mean()) - float((int8_model.predict(x) == y).mean())
     assert drop <= 0.01, drop  # the goal (bench) is <= 0.5 point on a trained wide MLP
     assert (float_model.logits(x) - int8_model.logits(x)).abs().max() < 0.1
+    from hpcml.inference.compress import export
+
+    with pytest.raises(hpcml.UsageError, match="int8 layers, a torch runtime form"):
+        export(out, out=tmp_path / "int8.onnx")
+    assert not (tmp_path / "int8.onnx").exists()
     meta["quantization"] = None  # the header check sees int8 where the float architecture has F32
     (out / "model.json").write_text(json.dumps(meta))
     with pytest.raises(hpcml.HpcmlError, match=r"tensor '3\.weight_scale' is not part of the architecture"):
