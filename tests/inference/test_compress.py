@@ -237,6 +237,10 @@ def test_bad_inputs_exit_2_and_write_nothing(mlp_dir, tmp_path, cli, capsys):
         rc, _, err = _main(capsys, *args, "--out", str(target))
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert _left_nothing(target)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    rc, _, err = _main(capsys, "compress", str(mlp_dir), "--prune", "0.5", "--out", str(tmp_path / "mine"))
+    assert rc == 2 and "exists and is not a model dir" in err and (tmp_path / "mine" / "notes.txt").exists()
     r = cli("compress", str(mlp_dir), "--prune", "0.5", "--out", str(mlp_dir))  # the real entry point
     assert r.returncode == 2 and "would overwrite the source model dir" in r.stderr
 

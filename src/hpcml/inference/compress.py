@@ -10,6 +10,7 @@ An encrypted source stays encrypted: the compressed dir is sealed with the same 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -132,6 +133,8 @@ def compress(
     `finetune_epochs` on `data`) and/or quantize (`quantize="int8"`) the model dir into `out`.
     Returns the compress.json report (also written into `out`)."""
     _check_options(prune, quantize, finetune_epochs, threads)
+    if Path(out).exists() and not (Path(out) / "model.json").is_file():
+        raise UsageError(f"--out {out} exists and is not a model dir; refusing to replace it")
     model, key = _source(model_dir, out, trust_code)
     if model.meta.get("quantization"):
         raise UsageError(f"{model_dir}: already int8; compress the float model dir instead")
@@ -160,7 +163,11 @@ def compress(
     }  # fmt: skip
     report["file_bytes"] = {"before": measure.dir_bytes(model_dir), "after": measure.weights_bytes(module)}
     save_model(out, module, meta, key=key, extra={REPORT: json.dumps(report, indent=2)})
-    load_model(out, key=key, trust_code=trust_code)  # what was written loads (schema, header, sha256)
+    try:
+        load_model(out, key=key, trust_code=trust_code)  # what was written loads (schema, header, sha256)
+    except HpcmlError:
+        shutil.rmtree(out, ignore_errors=True)  # never leave a dir that does not load
+        raise
     return report
 
 
