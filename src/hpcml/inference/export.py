@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -113,7 +114,10 @@ def _quiet():
         lg.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
+            with warnings.catch_warnings():  # the exporter's own deprecations, not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
