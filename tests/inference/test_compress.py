@@ -298,3 +298,13 @@ def test_unprunable_user_model_names_the_layer(tmp_path):
     ):
         compress(src, out=tmp_path / "o", prune=0.5, trust_code=True)
     assert _left_nothing(tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_parallel_onnx_predict_matches_torch(mlp_dir, held_out):
+    from hpcml.jobs.predict import predict_parallel
+
+    x = held_out[0]
+    onnx = predict_parallel(str(mlp_dir), x, workers=2, runtime="onnx", probabilities=True)
+    eager = predict_parallel(str(mlp_dir), x, probabilities=True)
+    np.testing.assert_allclose(onnx, eager, atol=1e-5, rtol=0)
