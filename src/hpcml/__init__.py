@@ -35,6 +35,8 @@ __all__ = [
     "load_config",
     "benchmark",
     "Callback",
+    "compress",
+    "export",
 ]
 
 _LAZY = {
@@ -52,12 +54,15 @@ _LAZY = {
     "load_config": "hpcml.config",
     "benchmark": "hpcml.bench",
     "Callback": "hpcml.training.callbacks",
+    "compress": "hpcml.inference.compress",
+    "export": "hpcml.inference.compress",
 }
 
 if TYPE_CHECKING:
     from hpcml.api import evaluate, predict, train
     from hpcml.bench import benchmark
     from hpcml.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
+    from hpcml.inference.compress import compress, export
     from hpcml.jobs.sweep import sweep
     from hpcml.models.io import Model, load_model
     from hpcml.training.callbacks import Callback

@@ -14,8 +14,6 @@ from torch import nn
 
 import hpcml
 from hpcml.config import DataConfig, TrainConfig, build_config
-from hpcml.data.sources import BUILTINS, load_dataset
-from hpcml.errors import UsageError
 from hpcml.models.io import Model, load_model
 from hpcml.training.build import ModelSource
 from hpcml.training.callbacks import Callback
@@ -42,60 +40,15 @@ def evaluate(
     test_rmse and test_r2. `target` defaults to the column the model was trained on.
     `trust_code=True` allows a model dir whose architecture is a `module:function` spec to import it.
     """
+    from hpcml.inference.evaluate import evaluate_model
+
     m = _model(model, trust_code)
     if isinstance(data, str):
         data = DataConfig(name=data)
     elif isinstance(data, dict):
         data = DataConfig.model_validate(data)
     torch.set_num_threads(available_cores())
-    if data.name in BUILTINS:
-        if data.name == "digits" and data.layout == "auto" and len(m.input_shape) == 1:
-            data = data.model_copy(update={"layout": "flat"})
-        ds = load_dataset(data)
-        x, y, classes, name = ds.x_test, ds.y_test, ds.classes, ds.name
-    else:
-        from hpcml.data.user import read_user_table
-
-        data = data.model_copy(
-            update={
-                "target": target or data.target or m.meta.get("target"),
-                "columns": data.columns or m.meta.get("features"),
-                "task": m.task,
-            }
-        )
-        x, y, classes, report = read_user_table(data, data.name)
-        name = report.get("source", data.name)
-    if m.task == "regression":
-        pred = m.predict(x).astype(np.float64)
-        y = y.astype(np.float64)
-        mse = float(np.mean((pred - y) ** 2))
-        sst = float(np.sum((y - y.mean()) ** 2))
-        metrics = {
-            "test_loss": mse,
-            "test_rmse": mse**0.5,
-            "test_r2": 1 - mse * len(y) / sst if sst else None,
-        }
-    else:
-        logits = m.logits(x)  # first: a shape mismatch is the clearer error
-        if list(classes) != list(m.classes):
-            y = _align_labels(y, classes, m.classes, name)
-        yt = torch.from_numpy(y)
-        metrics = {
-            "test_accuracy": float((logits.argmax(1) == yt).float().mean()),
-            "test_loss": float(torch.nn.functional.cross_entropy(logits, yt)),
-        }
-    return {**metrics, "rows": len(y), "data": name, "model": m.meta["architecture"], "task": m.task}
-
-
-def _align_labels(y: np.ndarray, classes: list[str], model_classes: list[str], name: str) -> np.ndarray:
-    """Map the data's label ids onto the model's class list by class name."""
-    unknown = sorted(set(classes) - set(model_classes))
-    if unknown:
-        raise UsageError(
-            f"{name}: labels the model never saw: {', '.join(map(str, unknown[:5]))} "
-            f"(model classes: {', '.join(model_classes[:10])})"
-        )
-    return np.asarray([model_classes.index(c) for c in classes], np.int64)[y]
+    return evaluate_model(m, data, target=target)
 
 
 def predict(

@@ -408,6 +408,10 @@ from hpcml.cli_serve import register as _register_serve  # noqa: E402  (`hpcml s
 
 _register_serve(app)
 
+from hpcml.cli_compress import register as _register_compress  # noqa: E402  (`hpcml compress | export`)
+
+_register_compress(app)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Usage errors exit 2, runtime failures 1; no traceback unless --debug."""

@@ -50,6 +50,7 @@ PREDICT_HELP = (
     "  hpcml predict runs/demo/model --input data.parquet --output preds.parquet --workers 4\n\n"
     "  hpcml predict runs/demo/model --input s3://bucket/x.csv --output preds.csv --probabilities\n\n"
     "  hpcml predict runs/demo/model --input stores/big --output p.parquet --backend ray --json\n\n"
+    "  hpcml predict runs/X/small --input x.parquet --output p.parquet --runtime onnx\n\n"
     "  hpcml predict runs/mine/model --input new.csv --output p.parquet --trust-code   # model mynets:build"
 )
 
@@ -148,6 +149,9 @@ def predict(
             "(in every worker: on PYTHONPATH or installed). Built-in and plugin models never need this.",
         ),
     ] = False,
+    runtime: Annotated[
+        str, typer.Option(help="torch, or onnx: ONNX Runtime (pip install 'hpcml[onnx]').")
+    ] = "torch",
     json_: Annotated[bool, _JSON] = False,
 ) -> None:
     from hpcml.jobs.predict import predict_parallel
@@ -155,7 +159,7 @@ def predict(
     stats: dict[str, Any] = {}
     predict_parallel(
         model_dir, input, workers=workers, backend=backend, address=address, batch_size=batch_size,
-        probabilities=probabilities, output=output, stats=stats, trust_code=trust_code,
+        probabilities=probabilities, output=output, stats=stats, trust_code=trust_code, runtime=runtime,
     )  # fmt: skip
     result = {"model": str(model_dir), "input": stats["source"], "output": str(output), "workers": workers,
               "backend": backend, "rows": stats["rows"], "seconds": stats["seconds"],

@@ -118,6 +118,8 @@ def test_huge_architectures_are_refused_before_allocating(model_dir):
     _edit(model_dir, kwargs={"hidden": 16})
     _refused(model_dir, r"model\.safetensors: tensor '1\.weight' has shape \[32, 8\].* gives \[16, 8\]")
     _edit(model_dir, kwargs={"hidden": [32]})
+    _refused(model_dir, r"model\.json: kwargs: model mlp: kwargs\.hidden must be a whole number, got \[32\]")
+    _edit(model_dir, kwargs={"hidden": {"a": 1}})
     _refused(model_dir, r"model\.json: kwargs: hidden: must be a number, string")
     _edit(model_dir, kwargs={"hidden": 32}, input_shape=[100000, 100000])
     _refused(model_dir, r"model\.json: input_shape: \[100000, 100000\] is 10,000,000,000 values per row")

@@ -363,7 +363,10 @@ def test_plugin_is_listed_trained_and_evaluated_without_trust(plugin_dir, tmp_pa
 def test_builtins_are_described_without_plugins():
     rows = {r.name: r for r in describe_models() if r.kind == "built-in"}
     assert list(rows) == ["mlp", "cnn1d", "convnet1d", "cnn2d"]
-    assert rows["cnn2d"].kwargs == {"channels": {"default": 32, "type": "int"}}
+    assert rows["cnn2d"].kwargs == {
+        "channels": {"default": 32, "type": "int"},
+        "widths": {"default": None, "type": "list[int] | None"},
+    }
 
 
 def test_help_texts_have_trust_examples_and_models_help_is_light():

@@ -6,8 +6,9 @@
     doctor("runs/X/config.yaml")["hints"]
 
 Cases (each reports hpcml and its baselines in the same run, as ratios): time-to-accuracy,
-throughput, mfu, scaling, predict, breakdown, precision, serve (HTTP). Method: untimed warm-up,
-synchronized timestamps, contenders interleaved over repeats, median with min/max, environment recorded.
+throughput, mfu, scaling, predict, breakdown, precision, busy, compress, serve (HTTP). Method: untimed
+warm-up, synchronized timestamps, contenders interleaved over repeats, median with min/max, environment
+recorded.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ CASES = (
     "breakdown",
     "precision",
     "busy",
+    "compress",
     "serve",
 )
 SUITE_NAMES = ("quick", "full")
@@ -104,6 +106,7 @@ def bench(
     from hpcml.bench import cases_parallel as c2
     from hpcml.bench.breakdown import breakdown_case
     from hpcml.bench.cases_busy import busy_case
+    from hpcml.bench.cases_compress import compress_case
     from hpcml.bench.cases_precision import precision_case
     from hpcml.training.precision import available_cores
 
@@ -132,6 +135,7 @@ def bench(
         "breakdown": breakdown_case,
         "precision": precision_case,
         "busy": busy_case,
+        "compress": compress_case,
         "serve": _serve_case,
     }
     env = environment(threads, device)

@@ -20,6 +20,8 @@ def _fmt(v: Any, metric: str) -> str:
         return "not reached" if metric == "seconds" else "n/a"
     if metric == "seconds":
         return f"{v:.2f} s"
+    if metric == "ms":
+        return f"{v:.3f} ms"
     if metric == "FLOP/s":
         return f"{v / 1e9:,.1f} GFLOP/s"
     return f"{v:,.0f}"

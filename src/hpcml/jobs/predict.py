@@ -29,6 +29,7 @@ from hpcml.jobs.tasks import Runner, Task, attached, cores
 __all__ = ["predict_parallel", "read_input", "write_output", "OUTPUT_FORMATS"]
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+RUNTIMES = ("torch", "onnx")
 
 
 def predict_parallel(
@@ -43,6 +44,7 @@ def predict_parallel(
     output: str | Path | None = None,
     stats: dict[str, Any] | None = None,
     trust_code: bool = False,
+    runtime: str = "torch",
 ) -> np.ndarray:
     """Predict every row of `data` with the model in `model_dir` on `workers` processes.
 
@@ -51,24 +53,34 @@ def predict_parallel(
     .csv file. `workers=1` on the local backend predicts in this process. `stats`, if given, is filled
     with rows, seconds and rows_per_second. `trust_code=True` lets this process and every worker
     import the `module:function` a model dir names (it must be importable there).
+    `runtime="onnx"` predicts with ONNX Runtime (the model dir exported in memory, normalization
+    folded in; needs `pip install 'hpcml[onnx]'`) instead of torch.
     """
-    from hpcml.models.io import Model, load_model
+    from hpcml.models.io import Model
 
     t0 = time.perf_counter()
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if runtime not in RUNTIMES:
+        raise UsageError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
     out_fmt = _output_format(output) if output is not None else None
     if output is not None:
         _refuse_overwriting_input(output, data)
     runner = Runner(workers=workers, backend=backend, address=address)  # validates the options
     if isinstance(model_dir, Model):
+        if runtime != "torch":
+            raise UsageError("runtime='onnx' needs the model dir, not a loaded Model")
         if workers > 1 or backend != "local":
             raise UsageError("parallel predict needs the model dir (each worker loads it), not a Model")
         model = model_dir
     else:
-        model = load_model(
-            model_dir, trust_code=trust_code
-        )  # verified here first: a bad dir fails before any worker starts
+        if runtime == "onnx":
+            from hpcml.inference.onnx_runtime import require_onnx
+
+            require_onnx("onnxruntime", "onnx", "onnxscript")  # before any worker starts
+        here = runtime if workers == 1 and backend == "local" else "torch"  # workers export their own
+        # verified here first: a bad dir fails before any worker starts
+        model = _load(model_dir, runtime=here, trust_code=trust_code, threads=cores())
     regression = model.meta.get("task") == "regression"
     if probabilities and regression:
         raise UsageError("probabilities are for classification models; this model is a regression model")
@@ -88,8 +100,9 @@ def predict_parallel(
     else:
         where = str(Path(model_dir).absolute())  # workers may run elsewhere (Ray has its own cwd)
         result = _predict_sharded(
-            runner, where, x, batch_size=batch_size, probabilities=probabilities, trust_code=trust_code
-        )
+            runner, where, x, batch_size=batch_size, probabilities=probabilities, trust_code=trust_code,
+            runtime=runtime,
+        )  # fmt: skip
     if output is not None:
         write_output(output, result, model=model, probabilities=probabilities, fmt=out_fmt)
     if stats is not None:
@@ -118,15 +131,24 @@ def _predict_sharded(runner: Runner, model_dir: str, x: np.ndarray, **kw: Any) -
 
 def predict_shard(
     *, model_dir: str, data: Any, start: int, stop: int, batch_size: int, probabilities: bool, threads: int,
-    attempt: int, trust_code: bool = False,
+    attempt: int, trust_code: bool = False, runtime: str = "torch",
 ) -> np.ndarray:  # fmt: skip
     """In a worker: load the model once, predict rows [start, stop) of the shared input."""
-    from hpcml.models.io import load_model
-
-    model = load_model(model_dir, trust_code=trust_code)
+    model = _load(model_dir, runtime=runtime, trust_code=trust_code, threads=threads)
     with attached(data) as arr:
         x = np.array(arr[start:stop])  # a private copy: the shared buffer can be released right away
     return _predict(model, x, batch_size=batch_size, probabilities=probabilities)
+
+
+def _load(model_dir: Any, *, runtime: str, trust_code: bool, threads: int) -> Any:
+    """A Model (torch) or an OnnxModel (onnxruntime session with `threads` threads)."""
+    if runtime == "onnx":
+        from hpcml.inference.onnx_runtime import load_onnx
+
+        return load_onnx(model_dir, threads=threads, trust_code=trust_code)
+    from hpcml.models.io import load_model
+
+    return load_model(model_dir, trust_code=trust_code)
 
 
 def _predict(model: Any, x: np.ndarray, *, batch_size: int, probabilities: bool) -> np.ndarray:

@@ -16,6 +16,7 @@ HMAC over it all: a wrong key, a modified model.json and modified weights are ea
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from hpcml.errors import HpcmlError, UsageError
 from hpcml.models.registry import check_trust, create_model
 from hpcml.models.schema import FORMAT, MAX_META_BYTES, ModelMeta, validate_meta, validate_sealed
 from hpcml.models.weights import (
+    apply_compression,
     bounded_state,
     check_header,
     declared_limit,
@@ -57,6 +59,10 @@ class Model:
         )
 
     def _prepare(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        return self.normalizer(self._rows(x))
+
+    def _rows(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """x as float32 rows of the input shape (raw features: not normalized yet)."""
         x = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
         if x.shape[1:] != self.input_shape:
             flat = int(np.prod(self.input_shape))
@@ -68,12 +74,13 @@ class Model:
                 )
         if not np.issubdtype(x.dtype, np.number):
             raise UsageError(f"input must be numeric, got dtype {x.dtype}")
-        return self.normalizer(x.astype(np.float32, copy=False))
+        return x.astype(np.float32, copy=False)
 
     @torch.inference_mode()
     def logits(self, x, *, batch_size: int = 65536) -> torch.Tensor:
         xs = torch.from_numpy(self._prepare(x))
-        device = next(self.module.parameters()).device
+        # an int8 model may hold buffers only
+        device = next(itertools.chain(self.module.parameters(), self.module.buffers())).device
         out = [
             self.module(xs[i : i + batch_size].to(device)).float().cpu()
             for i in range(0, len(xs), batch_size)
@@ -148,11 +155,19 @@ def _unseal(doc: dict[str, Any], meta_path: Path, key: bytes | None) -> tuple[di
     return {**meta, "weights_sha256": doc["weights_sha256"]}, key
 
 
-def save_model(out: str | Path, module: nn.Module, meta: dict[str, Any], *, key: bytes | None = None) -> Path:
+def save_model(
+    out: str | Path,
+    module: nn.Module,
+    meta: dict[str, Any],
+    *,
+    key: bytes | None = None,
+    extra: dict[str, str] | None = None,
+) -> Path:
     """Write the model dir atomically: a temporary sibling folder, fsynced, renamed into place.
 
     A crash at any point leaves either no `out` or a complete one, never a half-written dir. With a
-    `key` (32 bytes) the dir is encrypted (see the module docstring).
+    `key` (32 bytes) the dir is encrypted (see the module docstring). `extra` files (name -> text,
+    e.g. compress.json) are written in the same atomic step; the loader reads none of them.
     """
     from safetensors.torch import save
 
@@ -166,6 +181,8 @@ def save_model(out: str | Path, module: nn.Module, meta: dict[str, Any], *, key:
     with atomic_dir(out) as tmp:  # an existing model dir at `out` is replaced
         (tmp / "model.safetensors").write_bytes(blob)
         (tmp / "model.json").write_text(json.dumps(doc, indent=2))
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return out
 
 
@@ -222,6 +239,7 @@ def load_model(
         )  # fmt: skip
     except UsageError as err:  # a user model that fails on the CPU too
         raise UsageError(f"{meta_path}: {err}") from None
+    apply_compression(module, spec, meta_path)
     if expected is None:  # not buildable on meta: compared now, the file already bounded by its header
         check_header(blob, bounded_state(module, spec, meta_path), weights)
     try:

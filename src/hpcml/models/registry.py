@@ -243,13 +243,22 @@ def _check_kwargs(name: str, cls: type, kwargs: dict[str, Any]) -> None:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
         elif want is bool:
             ok = isinstance(value, bool)
+        elif want == list[int] | None:
+            ok = value is None or (
+                isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            )
         else:
             continue
         if not ok:
             raise UsageError(f"model {name}: kwargs.{key} must be {_TYPE_WORDS[want]}, got {value!r}")
 
 
-_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false"}
+_TYPE_WORDS = {
+    int: "a whole number",
+    float: "a number",
+    bool: "true or false",
+    list[int] | None: "a list of whole numbers",
+}
 
 
 # --------------------------------------------------------------------------------------- catalog

@@ -24,6 +24,11 @@ MAX_META_BYTES = 4 << 20  # the largest real model.json (per-feature stats of wi
 MAX_INPUT_DIMS = 4
 MAX_INPUT_VALUES = 1 << 26  # values per input row (e.g. 3 x 4096 x 4096 pixels)
 MAX_OUTPUTS = 1 << 20
+MAX_LIST_KWARG = 256  # per-layer widths: far more layers than any built-in has
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class Preprocessing(BaseModel):
@@ -59,6 +64,8 @@ class ModelMeta(BaseModel):
     target: StrictStr | None = None
     target_scale: TargetScale | None = None
     preprocessing: Preprocessing
+    quantization: Quantization | None = None
+    pruned_widths: dict[StrictStr, StrictInt] | None = Field(None, max_length=4096)  # user chains
     weights_sha256: str = Field(pattern="^[0-9a-f]{64}$")
 
     @field_validator("input_shape")
@@ -77,9 +84,22 @@ class ModelMeta(BaseModel):
     @classmethod
     def _json_scalars(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
         for k, v in kwargs.items():
+            if isinstance(v, list) and len(v) <= MAX_LIST_KWARG and all(_whole(i) for i in v):
+                continue  # per-layer widths of a pruned model
             if not (v is None or isinstance(v, bool | int | float | str)):
-                raise ValueError(f"{k}: must be a number, string, true/false or null, got {type(v).__name__}")
+                raise ValueError(
+                    f"{k}: must be a number, string, true/false, null or a list of at most "
+                    f"{MAX_LIST_KWARG} whole numbers, got {type(v).__name__}"
+                )
         return kwargs
+
+
+class Quantization(BaseModel):
+    """Which Linear layers hold int8 weights (+ one float32 scale per output row): models/int8.py."""
+
+    model_config = ConfigDict(extra="forbid")
+    scheme: Literal["int8-dynamic"]
+    layers: list[StrictStr] = Field(min_length=1, max_length=4096)
 
 
 class SealedDoc(BaseModel):

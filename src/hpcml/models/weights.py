@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hpcml.errors import HpcmlError, UsageError
+from hpcml.models.int8 import swap_int8
 from hpcml.models.registry import MODEL_NAMES, ModelBuildError, create_model
 from hpcml.models.schema import ModelMeta
 
@@ -98,6 +99,7 @@ def expected_state(
                 trust_code=trust_code,
                 **meta.kwargs,
             )
+            apply_compression(module, meta, where)
     except ModelBuildError:  # the user's factory needs real tensors (e.g. it computes with them)
         return None
     except UsageError as err:
@@ -105,6 +107,19 @@ def expected_state(
             raise HpcmlError(f"{where}: kwargs: {err}") from None
         raise UsageError(f"{where}: {err}") from None
     return bounded_state(module, meta, where)
+
+
+def apply_compression(module: torch.nn.Module, meta: ModelMeta, where: Path) -> torch.nn.Module:
+    """The compressed form model.json records, applied to the freshly built architecture: a pruned
+    user chain's layer widths (built-ins record theirs as kwargs), then the int8 layers (whose header
+    entries are int8 weights + float32 scales)."""
+    if meta.pruned_widths:
+        from hpcml.models.chain import resize
+
+        resize(module, meta.pruned_widths, where=where)
+    if meta.quantization is not None:
+        swap_int8(module, meta.quantization.layers, where=where)
+    return module
 
 
 def bounded_state(module: torch.nn.Module, meta: ModelMeta, where: Path) -> dict[str, torch.Tensor]:
