@@ -67,7 +67,7 @@ def serve(
 ) -> None:
     from hpcml.config import ServeConfig, format_validation_error
     from hpcml.errors import UsageError
-    from hpcml.inference.server import serve as run_serve
+    from hpcml.inference.server import serve as run_local
 
     values = {
         "model_dir": str(model_dir), "host": host, "port": port, "workers": workers, "threads": threads,
@@ -83,4 +83,8 @@ def serve(
         cfg = ServeConfig.model_validate(values)
     except ValidationError as err:
         raise UsageError(format_validation_error(err, source="hpcml serve").replace("\n", "; ")) from None
+    if cfg.backend == "ray":  # Ray Serve is launched from jobs/ (it uses jobs' Ray helpers)
+        from hpcml.jobs.serve_ray import serve_ray as run_serve
+    else:
+        run_serve = run_local
     run_serve(cfg, log=lambda line: typer.echo(line, err=True))

@@ -174,8 +174,8 @@ def serve(cfg: ServeConfig, *, log: Callable[[str], None] = print) -> None:
     import_serve()
     cfg = check_config(cfg)
     token, source = load_token()
-    if cfg.backend == "ray":  # not built yet: say so rather than serve something else
-        raise UsageError("--backend ray (Ray Serve) is not available yet; use --workers N on this machine")
+    if cfg.backend == "ray":  # Ray Serve: hpcml.jobs.serve_ray.serve_ray (jobs/ sits above inference/)
+        raise UsageError("--backend ray is served by hpcml.jobs.serve_ray.serve_ray, not this function")
     sock = _bind(cfg.host, cfg.port)
     port = sock.getsockname()[1]
     scheme = "https" if cfg.tls_cert else "http"
