@@ -63,3 +63,25 @@ def test_schedule_shapes():
     assert max(lrs["onecycle"]) == pytest.approx(0.1, rel=1e-3)
     assert 20 <= lrs["onecycle"].index(max(lrs["onecycle"])) <= 26  # peak after the warm-up quarter
     assert lrs["onecycle"][0] < 0.01 and lrs["onecycle"][-1] < 1e-3
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 8, 100])
+def test_onecycle_matches_torch_and_survives_short_runs(total):
+    """The one-cycle factors equal torch's OneCycleLR wherever torch can compute them; runs of 4 steps
+    at 25% warm-up (where OneCycleLR divides by zero) get a schedule too."""
+    from hpcml.training.optim import one_cycle
+
+    f = one_cycle(total, 0.25)
+    assert f(total) == pytest.approx(1 / 25 / 1e4)
+    if total >= 8:  # a warm-up of 2+ steps starts at the peak / 25
+        assert f(0) == pytest.approx(1 / 25)
+    assert max(f(s) for s in range(total + 1)) <= 1.0
+    if total >= 5:  # torch's own schedule, where it works, as the independent reference
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=1.0)
+        ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=total, pct_start=0.25,
+                                                  cycle_momentum=False)  # fmt: skip
+        for step in range(total):
+            assert f(step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-6, abs=1e-9), step
+            opt.step()
+            ref.step()

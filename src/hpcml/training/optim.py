@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hpcml.config import OptimConfig
@@ -35,10 +37,22 @@ def build_schedule(opt: torch.optim.Optimizer, cfg: OptimConfig, *, total_steps:
         return None
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
-    return torch.optim.lr_scheduler.OneCycleLR(
-        opt,
-        max_lr=cfg.lr,
-        total_steps=max(2, total_steps),
-        pct_start=max(cfg.warmup_fraction, 1e-3),
-        cycle_momentum=False,
-    )
+    return torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(max(1, total_steps), cfg.warmup_fraction))
+
+
+def one_cycle(total: int, warmup_fraction: float, *, div: float = 25.0, final_div: float = 1e4):
+    """The one-cycle factor of the peak lr at each step: a cosine warm-up from 1/div to 1 over
+    `warmup_fraction` of the steps, then a cosine anneal to 1/(div * final_div) (torch's OneCycleLR
+    without momentum cycling). Written out because OneCycleLR divides by zero when the warm-up is
+    exactly one step (e.g. 4 steps at 25%), which short runs on small data hit."""
+    w_end, a_end = warmup_fraction * total - 1, total - 1  # OneCycleLR's phase ends (steps)
+    lo, end = 1.0 / div, 1.0 / (div * final_div)
+
+    def factor(step: int) -> float:
+        if step <= w_end and w_end > 0:
+            return lo + (1 - lo) * (1 - math.cos(math.pi * step / w_end)) / 2
+        span = a_end - w_end
+        t = 1.0 if span <= 0 else min(1.0, max(0.0, (step - w_end) / span))
+        return end + (1 - end) * (1 + math.cos(math.pi * t)) / 2
+
+    return factor
