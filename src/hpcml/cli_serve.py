@@ -23,6 +23,7 @@ HELP = (
     "  HPCML_SERVE_TOKEN_FILE=~/.hpcml-token hpcml serve runs/X/model --workers 2 --max-batch 64\n\n"
     "  hpcml serve runs/X/model --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem\n\n"
     "  hpcml serve runs/X/model --backend ray --replicas 2          # on Ray Serve\n\n"
+    "  hpcml serve runs/X/small --runtime onnx                      # a compressed dir, on ONNX Runtime\n\n"
     '  curl -H "Authorization: Bearer $TOKEN" -d \'{"rows": [{"f0": 0.1, "f1": 2.0}]}\' '
     "http://127.0.0.1:8000/v1/predict"
 )
@@ -55,6 +56,9 @@ def serve(
         Path | None, typer.Option(help="JSON-lines audit log file (default stderr).")
     ] = None,
     backend: Annotated[str, typer.Option(help="local (uvicorn) or ray (Ray Serve).")] = "local",
+    runtime: Annotated[
+        str, typer.Option(help="torch, or onnx (ONNX Runtime; pip install 'hpcml[onnx]').")
+    ] = "torch",
     replicas: Annotated[int, typer.Option(help="ray: number of Serve replicas.")] = 1,
     address: Annotated[str | None, typer.Option(help="ray: HOST:PORT of a running cluster.")] = None,
     trust_code: Annotated[
@@ -75,7 +79,7 @@ def serve(
         "max_body_bytes": max_body_bytes, "tls_cert": None if tls_cert is None else str(tls_cert),
         "tls_key": None if tls_key is None else str(tls_key), "insecure_http": insecure_http,
         "audit_log": None if audit_log is None else str(audit_log), "backend": backend,
-        "replicas": replicas, "address": address, "trust_code": trust_code,
+        "replicas": replicas, "address": address, "trust_code": trust_code, "runtime": runtime,
     }  # fmt: skip
     from pydantic import ValidationError
 

@@ -211,6 +211,7 @@ class ServeConfig(_Strict):
     trust_code: bool = False
     audit_log: str | None = Field(None, description="JSON-lines audit file (default: stderr)")
     backend: Literal["local", "ray"] = "local"
+    runtime: Literal["torch", "onnx"] = Field("torch", description="onnx: ONNX Runtime (hpcml[onnx])")
     replicas: int = Field(1, ge=1, description="ray: Serve replicas")
     address: str | None = Field(None, description="ray: HOST:PORT of a running cluster (default: local)")
 

@@ -351,3 +351,22 @@ def test_schemathesis_finds_no_server_error(clf_dir, tmp_path):
     tests = sum(int(m) for m in re.findall(r"(\d+) generated", r.stdout))
     print(f"schemathesis: {tests} cases generated, 0 server errors")
     assert tests >= 100, r.stdout[-2000:]
+
+
+def test_onnx_runtime_serves_what_predict_onnx_writes(clf_dir, tmp_path, cli):
+    """`hpcml serve --runtime onnx`: the model dir exported in memory and run by ONNX Runtime gives the
+    rows `hpcml predict --runtime onnx` gives, and the torch runtime's labels."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    x = np.random.default_rng(5).normal(size=(23, FEATURES)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    onnx_rows = _hpcml_predict(
+        cli, clf_dir, tmp_path / "x.npy", tmp_path, "--probabilities", "--runtime", "onnx"
+    )
+    with serving(clf_dir, tmp_path, "--runtime", "onnx") as (url, _, _):
+        with httpx.Client(timeout=30, headers=AUTH) as c:
+            got = c.post(f"{url}/v1/predict", json={"rows": x.tolist(), "probabilities": True}).json()
+    assert got["predictions"] == onnx_rows["prediction"]
+    for k, name in enumerate(got["classes"]):
+        np.testing.assert_allclose([p[k] for p in got["probabilities"]], onnx_rows[f"prob_{name}"], atol=1e-6)
+    torch_labels = hpcml.predict(clf_dir, x)
+    assert got["predictions"] == [got["classes"][i] for i in torch_labels]

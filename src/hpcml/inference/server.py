@@ -74,6 +74,10 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
             warnings.warn(
                 "--insecure-http: tokens and predictions cross the network unencrypted", stacklevel=1
             )
+    if cfg.runtime == "onnx":  # fail now with the exact pip install, not in every worker
+        from hpcml.inference.onnx_runtime import require_onnx
+
+        require_onnx("onnxruntime", "onnx", "onnxscript")
     threads = cfg.threads or max(1, _cores() // cfg.workers)
     return cfg.model_copy(update={"threads": threads})
 

@@ -88,8 +88,14 @@ class Service:
 
         from hpcml.models.io import load_model
 
-        torch.set_num_threads(self.cfg.threads or 1)
-        model = load_model(self.cfg.model_dir, trust_code=self.cfg.trust_code)
+        threads = self.cfg.threads or 1
+        torch.set_num_threads(threads)
+        if self.cfg.runtime == "onnx":  # the same model dir, exported in memory, run by onnxruntime
+            from hpcml.inference.onnx_runtime import load_onnx
+
+            model = load_onnx(self.cfg.model_dir, threads=threads, trust_code=self.cfg.trust_code)
+        else:
+            model = load_model(self.cfg.model_dir, trust_code=self.cfg.trust_code)
         for rows in (self.cfg.max_batch, 1, 1):
             model.predict(np.zeros((rows, *model.input_shape), np.float32))
         return model
