@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hpcml._system import available_cores
 from hpcml.config import ServeConfig
 from hpcml.errors import HpcmlError, UsageError
 
@@ -39,11 +40,7 @@ def import_serve() -> None:
         raise UsageError(f"hpcml serve needs {err.name}: pip install 'hpcml[serve]'") from None
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+_cores = available_cores
 
 
 def _loopback(host: str) -> bool:

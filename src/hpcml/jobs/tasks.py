@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from hpcml._system import available_cores
 from hpcml.errors import HpcmlError, UsageError
 
 __all__ = ["BACKENDS", "Task", "Outcome", "Runner", "SharedArray", "attached", "threads_per_job"]
@@ -61,11 +62,7 @@ class Outcome:
 Event = Callable[[dict[str, Any]], None]
 
 
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+cores = available_cores
 
 
 def threads_per_job(workers: int) -> int:

@@ -23,11 +23,7 @@ class Hardware:
     threads_reason: str = "requested"
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+from hpcml._system import available_cores  # noqa: E402  (re-exported: callers import it from here)
 
 
 @cache
