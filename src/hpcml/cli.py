@@ -338,7 +338,7 @@ def train(
 
 def _show(run, *, json_: bool, quiet: bool, node_rank: int) -> None:
     if run is None:  # a node other than rank 0's: that node writes the run dir
-        typer.echo(f"node {node_rank}: done (the node of rank 0 writes the run dir)", err=True)
+        typer.echo("done (the process or node of rank 0 writes the run dir)", err=True)
     elif json_:
         typer.echo(json.dumps(run.report, indent=2))
     elif not quiet:
