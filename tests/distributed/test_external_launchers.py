@@ -55,11 +55,12 @@ def test_torchrun_trains_one_job_equal_to_nproc(reference, tmp_path):
     out = tmp_path / "t"
     cmd = [
         str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-        str(free_port()), "-m", "hpcml", "train", *FLAGS, "--out", str(out),
+        str(free_port()), "-m", "hpcml", "train", *FLAGS, "--out", str(out), "--log-to", "tensorboard",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=CLEAN, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _check(out, reference)
+    assert len(list((out / "tensorboard").iterdir())) == 1  # rank 0 logs, rank 1 does not
 
 
 def test_slurm_tasks_train_one_job_equal_to_nproc(reference, tmp_path):

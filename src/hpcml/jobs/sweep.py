@@ -203,9 +203,10 @@ def _draw(values: list[Any] | _Range, rng: Any) -> Any:
 
 
 def job_id(cfg: TrainConfig) -> str:
-    """A hash of what the job computes; `threads` only says how fast, so it is left out."""
+    """A hash of what the job computes; `threads` (how fast) and `log` (where to) are left out."""
     doc = cfg.model_dump(mode="json")
     doc.pop("threads", None)
+    doc.pop("log", None)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -269,13 +270,14 @@ def sweep(
     if len({j["id"] for j in jobs}) != len(jobs):
         raise UsageError("two parameter combinations give the same config; remove the duplicate values")
 
+    parent = _mlflow_parent(base_cfg, out, parsed)
     todo = []
     for j in jobs:
         j["report"] = _read_report(j["dir"])
         j["status"], j["attempts"], j["error"], j["ran"] = ("done", 0, None, False)
         if j["report"] is None:
             todo.append(Task(j["id"], "hpcml.jobs.sweep:run_job", {
-                "config": j["config"].model_dump(mode="json"), "out": str(j["dir"]),
+                "config": j["config"].model_dump(mode="json"), "out": str(j["dir"]), "parent_run": parent,
             }))  # fmt: skip
     _check_metric(metric, jobs)  # before running, when earlier runs left reports to check against
     if todo:
@@ -310,7 +312,23 @@ def sweep(
         "job_list": [_job_doc(j) for j in jobs], "files": {},
     }  # fmt: skip
     _write_outputs(result, base_cfg, jobs)
+    if parent is not None:
+        from hpcml.training.tracking import end_parent_run
+
+        best = result.best["mean"] if result.best else None
+        end_parent_run(
+            parent, {f"best_{result.metric}": best, "jobs": len(jobs), "failed": len(result.failed)}
+        )
     return result
+
+
+def _mlflow_parent(base_cfg: TrainConfig, out: Path, parsed: dict[str, Any]) -> str | None:
+    """With `log: [mlflow]`, the sweep's own MLflow run: each job's run is nested under it."""
+    if "mlflow" not in base_cfg.log:
+        return None
+    from hpcml.training.tracking import start_parent_run
+
+    return start_parent_run(out.name, {"sweep": {k: _plain(v) for k, v in parsed.items()}})
 
 
 def _write_outputs(result: SweepResult, base_cfg: TrainConfig, jobs: list[dict]) -> None:
@@ -336,7 +354,9 @@ def _write_outputs(result: SweepResult, base_cfg: TrainConfig, jobs: list[dict])
     report.write_text(out / "sweep.json", json.dumps(result.summary, indent=2, default=str) + "\n")
 
 
-def run_job(*, config: dict[str, Any], out: str, threads: int, attempt: int) -> dict:
+def run_job(
+    *, config: dict[str, Any], out: str, threads: int, attempt: int, parent_run: str | None = None
+) -> dict:
     """One sweep job in a worker: train `config` into `out` and return its report."""
     import shutil
 
@@ -347,7 +367,7 @@ def run_job(*, config: dict[str, Any], out: str, threads: int, attempt: int) -> 
         cfg = cfg.model_copy(update={"threads": threads})
     if Path(out).exists():  # an earlier attempt died half-way: start its run dir afresh
         shutil.rmtree(out)
-    run = run_process(cfg, out=out, quiet=True)
+    run = run_process(cfg, out=out, quiet=True, parent_run=parent_run)
     if run is None:
         raise HpcmlError(f"{out}: the training run wrote no report")
     return json.loads(json.dumps(run.report))  # plain JSON values, the same as report.json holds
