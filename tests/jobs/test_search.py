@@ -100,3 +100,25 @@ def test_search_and_prune_refuse_what_cannot_work(base, tmp_path):
         hpcml.sweep(base, params={"lr": [0.1, 0.2]}, prune="asha", folds=2, out=tmp_path)
     with pytest.raises(UsageError, match="unknown pruner 'hyperband'; valid: median, asha"):
         hpcml.sweep(base, params={"lr": [0.1, 0.2]}, prune="hyperband", out=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'hpcml[ray]')")
+    from hpcml.jobs.ray_backend import start_local_ray
+
+    stop = start_local_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+    stop()
+
+
+def test_asha_prunes_on_ray_through_the_same_sqlite_study(ray_instance, base, tmp_path):
+    lrs = [0.05, 0.03, 1e-6, 2e-6, 3e-6]
+    res = hpcml.sweep(base, params={"lr": lrs}, workers=2, prune="asha", backend="ray", out=tmp_path)
+    assert res.failed == []
+    study = _study(tmp_path)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert len(study.trials) == 5 and pruned
+    assert all(t.user_attrs["point"]["optim.lr"] < 1e-5 for t in pruned)
+    _check_trials_match_run_dirs(tmp_path, study)
