@@ -4,7 +4,7 @@ with --prune median (and asha). Wall time and best validation accuracy side by s
     PYTHONPATH=src python benchmarks/sweep_pruning.py [--pruners median,asha] [--out benchmarks/results]
 
 Data: scikit-learn's digits written as a CSV (1797 rows, 64 features, 10 classes) with a 20%
-validation split; MLP, 20 epochs, constant lr; lr log-uniform in 1e-4..0.3, hidden in 16/64/256.
+validation split; MLP, 20 epochs (--epochs), constant lr; lr log-uniform in 1e-4..0.3, hidden in 16/64/256.
 The machine's load average is recorded: on a shared machine the ratio is noisy.
 """
 
@@ -45,19 +45,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pruners", default="median,asha")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--epochs", type=int, default=20)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hpcml-prune-"))
     base = {
         "data": {"name": str(_digits_csv(work / "digits.csv")), "target": "digit", "val_fraction": 0.2},
         "model": {"name": "mlp"},
-        "epochs": 20,
+        "epochs": args.epochs,
         "batch_size": 64,
         "precision": "fp32",
         "optim": {"schedule": "constant"},
         "checkpoint": {"every": None},
     }
     params = {"lr": "1e-4..0.3:log", "model.kwargs.hidden": [16, 64, 256]}
-    results = {"load_before": os.getloadavg(), "machine": platform.node(), "cores": os.cpu_count()}
+    results = {"load_before": os.getloadavg(), "machine": platform.node(), "cores": os.cpu_count(),
+               "epochs": args.epochs}  # fmt: skip
     for prune in [None, *args.pruners.split(",")]:
         t0 = time.perf_counter()
         res = hpcml.sweep(
@@ -80,7 +82,7 @@ def main() -> None:
         r["val_accuracy_delta_points"] = 100 * (r["best_val_accuracy"] - ref["best_val_accuracy"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"sweep-pruning-{platform.node()}-{time.strftime('%Y-%m-%d')}"
+    name = f"sweep-pruning-{args.epochs}ep-{platform.node()}-{time.strftime('%Y-%m-%d')}"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     rows = ["| pruner | wall s | speedup | best val acc | delta (points) | epochs trained | load avg after |",
             "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -92,7 +94,7 @@ def main() -> None:
             f"{r['epochs_trained']} | {r['load_after'][0]:.2f} |"
         )
     (out / f"{name}.md").write_text(
-        f"# Sweep pruning, 16-config random sweep, 2 workers ({results['machine']}, "
+        f"# Sweep pruning, 16-config random sweep, {args.epochs} epochs, 2 workers ({results['machine']}, "
         f"{results['cores']} cores, load before {results['load_before'][0]:.2f})\n\n" + "\n".join(rows) + "\n"
     )
     print("\n".join(rows))

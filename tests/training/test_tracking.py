@@ -151,3 +151,35 @@ def test_a_tracking_server_that_is_down_loses_nothing_but_the_log(small_cfg, tmp
         and "epoch 3 metrics" in text
         and "the final report and model dir" in text
     )
+
+
+_BLOCKED = """
+import sys
+class Block:  # stands in for an environment without the extras
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("mlflow", "tensorboard", "optuna"):
+            raise ImportError(f"No module named {name!r}")
+sys.meta_path.insert(0, Block())
+import hpcml
+for call in (
+    lambda: hpcml.train({"log": ["mlflow"]}, out=OUT + "/a"),
+    lambda: hpcml.train({"log": ["tensorboard"]}, out=OUT + "/b"),
+    lambda: hpcml.sweep(
+        {"data": {"name": "x.csv", "val_fraction": 0.1}}, params={"lr": [0.1]}, prune="median", out=OUT + "/c"
+    ),
+):
+    try:
+        call()
+    except hpcml.UsageError as err:
+        print(err)
+"""
+
+
+def test_a_missing_extra_names_the_pip_command(tmp_path):
+    code = _BLOCKED.replace("OUT", repr(str(tmp_path)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.splitlines() == [
+        "--log mlflow needs mlflow: pip install 'hpcml[mlflow]'",
+        "--log tensorboard needs tensorboard: pip install 'hpcml[tensorboard]'",
+        "--search tpe and --prune need Optuna: pip install 'hpcml[optuna]'",
+    ], r.stderr[-2000:]
