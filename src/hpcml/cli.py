@@ -348,8 +348,9 @@ def train(
 
 
 def _show(run, *, json_: bool, quiet: bool, node_rank: int) -> None:
-    if run is None:  # a node other than rank 0's: that node writes the run dir
-        typer.echo("done (the process or node of rank 0 writes the run dir)", err=True)
+    if run is None:  # not the process of global rank 0: that one writes the run dir
+        who = f"node {node_rank}" if node_rank else "this rank"  # --nnodes node, or torchrun/SLURM rank
+        typer.echo(f"{who}: done (the process of global rank 0 writes the run dir)", err=True)
     elif json_:
         typer.echo(json.dumps(run.report, indent=2))
     elif not quiet:

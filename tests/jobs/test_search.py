@@ -66,11 +66,15 @@ def test_pruning_stops_bad_trials_early_on_the_local_pool(base, tmp_path, prune)
     assert res.failed == []
     study = _study(tmp_path)
     assert len(study.trials) == 5
-    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
-    assert pruned and all(t.user_attrs["point"]["optim.lr"] < 1e-5 for t in pruned)
+    pruned = {t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED}
+    hopeless = {t.number for t in study.trials if t.user_attrs["point"]["optim.lr"] < 1e-5}
+    if prune == "median":  # the first two finished trials are the reference: never pruned
+        assert pruned <= hopeless and len(pruned) >= 2
+    else:  # asha may stop the second good one at epoch 1 if the first did better there; never a hopeless one
+        assert hopeless <= pruned
     _check_trials_match_run_dirs(tmp_path, study)
     status = {r["params"]["optim.lr"]: r["status"] for r in res.rows}
-    assert status[0.05] == status[0.03] == "ok" and res.best["params"]["optim.lr"] in (0.05, 0.03)
+    assert res.best["params"]["optim.lr"] in (0.05, 0.03) and res.best["status"] == "ok"
     assert sum(s == "pruned" for s in status.values()) == len(pruned)
 
 
@@ -118,7 +122,7 @@ def test_asha_prunes_on_ray_through_the_same_sqlite_study(ray_instance, base, tm
     res = hpcml.sweep(base, params={"lr": lrs}, workers=2, prune="asha", backend="ray", out=tmp_path)
     assert res.failed == []
     study = _study(tmp_path)
-    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
-    assert len(study.trials) == 5 and pruned
-    assert all(t.user_attrs["point"]["optim.lr"] < 1e-5 for t in pruned)
+    pruned = {t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED}
+    hopeless = {t.number for t in study.trials if t.user_attrs["point"]["optim.lr"] < 1e-5}
+    assert len(study.trials) == 5 and hopeless <= pruned
     _check_trials_match_run_dirs(tmp_path, study)
