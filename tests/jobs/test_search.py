@@ -58,7 +58,7 @@ def _check_trials_match_run_dirs(out, study, epochs=BASE["epochs"]):
             assert t.state == state.COMPLETE and t.value == rows[-1]["val_accuracy"] and len(rows) == epochs
 
 
-@pytest.mark.parametrize("prune", ["median", "asha"])
+@pytest.mark.parametrize("prune", [pytest.param("median", marks=pytest.mark.slow), "asha"])
 def test_pruning_stops_bad_trials_early_on_the_local_pool(base, tmp_path, prune):
     # two good learning rates first, then hopeless ones: once two have finished, the rest fall behind
     lrs = [0.05, 0.03, 1e-6, 2e-6, 3e-6]

@@ -113,6 +113,7 @@ def test_live_mlflow_server_gets_the_run(mlflow_server, small_cfg, tmp_path, mon
     _check_mlflow_run(client, found[0].info.run_id, run.dir)
 
 
+@pytest.mark.slow
 def test_sweep_jobs_are_nested_under_the_sweep_run(mlflow_server, small_cfg, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
