@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from hpcml.config import TrainConfig, build_config, dump_config, merge
-from hpcml.errors import HpcmlError, UsageError
+from hpcml.errors import UsageError
 from hpcml.jobs import search
 from hpcml.jobs import sweep_report as report
-from hpcml.jobs.sweep_jobs import Plan, check_search, job_id, make_job  # noqa: F401  (job_id re-exported)
+
+# job_id and run_job (the task function, by its older spec hpcml.jobs.sweep:run_job too) re-exported
+from hpcml.jobs.sweep_jobs import Plan, check_search, job_id, make_job, run_job  # noqa: F401
 from hpcml.jobs.tasks import Event, cores
 
 __all__ = ["sweep", "SweepResult", "valid_params", "parse_params"]
@@ -264,21 +266,7 @@ def sweep(
     (out / "runs").mkdir(parents=True, exist_ok=True)
 
     parent = _mlflow_parent(base_cfg, out, parsed)
-    study = None
-    if kind == "tpe" or prune:
-        study = search.open_study(out, prune=prune, seed=seed)
-        trials = search.finished_trials(study)  # and trials a killed sweep left running are failed
-        points = [t.user_attrs["point"] for t in trials] if kind == "tpe" else points
-    jobs = [
-        make_job(base, point, i, fold, folds, out)
-        for i, point in enumerate(points)
-        for fold in (range(folds) if folds else [None])
-    ]
-    if kind == "tpe":
-        for j, t in zip(jobs, trials, strict=True):
-            j["trial"] = t
-    if len({j["id"] for j in jobs}) != len(jobs):
-        raise UsageError("two parameter combinations give the same config; remove the duplicate values")
+    jobs, study = _jobs(base, points, kind=kind, folds=folds, out=out, prune=prune, seed=seed)
     _check_metric(metric, jobs)  # before running, when earlier runs left reports to check against
     plan = Plan(jobs, out=out, base=base, params=parsed, parent=parent, study=study, prune=prune,
                 tpe_trials=random if kind == "tpe" else 0)  # fmt: skip
@@ -298,6 +286,7 @@ def sweep(
     result.summary = {
         "metric": result.metric, "metric_key": metric, "direction": report.direction(metric),
         "folds": folds, "params": {k: _plain(v) for k, v in parsed.items()}, "random": random,
+        "search": kind, "prune": prune,
         "seed": seed, "backend": backend, "workers": workers, "retries": retries,
         "jobs": len(jobs), "ran": result.ran, "skipped": result.skipped, "failed": len(result.failed),
         "wall_seconds": time.perf_counter() - t0, "rows": table, "best": result.best,
@@ -312,6 +301,29 @@ def sweep(
             parent, {f"best_{result.metric}": best, "jobs": len(jobs), "failed": len(result.failed)}
         )
     return result
+
+
+def _jobs(
+    base: dict, points: list[dict], *, kind: str, folds, out: Path, prune, seed: int
+) -> tuple[list, Any]:
+    """One job per (point, fold), and the Optuna study when the sweep has one: with TPE the points are
+    those of the study's finished trials (a rerun), each job tied to its trial."""
+    study, trials = None, []
+    if kind == "tpe" or prune:
+        study = search.open_study(out, prune=prune, seed=seed)
+        trials = search.finished_trials(study)  # and trials a killed sweep left running are failed
+        points = [t.user_attrs["point"] for t in trials] if kind == "tpe" else points
+    jobs = [
+        make_job(base, point, i, fold, folds, out)
+        for i, point in enumerate(points)
+        for fold in (range(folds) if folds else [None])
+    ]
+    if kind == "tpe":
+        for j, t in zip(jobs, trials, strict=True):
+            j["trial"] = t
+    if len({j["id"] for j in jobs}) != len(jobs):
+        raise UsageError("two parameter combinations give the same config; remove the duplicate values")
+    return jobs, study
 
 
 def _mlflow_parent(base_cfg: TrainConfig, out: Path, parsed: dict[str, Any]) -> str | None:
@@ -344,33 +356,6 @@ def _write_outputs(result: SweepResult, base_cfg: TrainConfig, jobs: list[dict])
     if plot is not None:
         files["plot"] = plot.name
     report.write_text(out / "sweep.json", json.dumps(result.summary, indent=2, default=str) + "\n")
-
-
-def run_job(
-    *,
-    config: dict[str, Any],
-    out: str,
-    threads: int,
-    attempt: int,
-    parent_run: str | None = None,
-    trial: dict[str, Any] | None = None,
-) -> dict:
-    """One sweep job in a worker: train `config` into `out` and return its report. `trial` ties it to
-    its Optuna trial (pruning, TPE); `parent_run` to the sweep's MLflow run."""
-    import shutil
-
-    from hpcml.training.run import run_process
-
-    cfg = build_config(config)
-    if cfg.threads is None:
-        cfg = cfg.model_copy(update={"threads": threads})
-    if Path(out).exists():  # an earlier attempt died half-way: start its run dir afresh
-        shutil.rmtree(out)
-    callbacks = [search.Pruning(**trial)] if trial is not None else []
-    run = run_process(cfg, out=out, quiet=True, parent_run=parent_run, callbacks=callbacks)
-    if run is None:
-        raise HpcmlError(f"{out}: the training run wrote no report")
-    return json.loads(json.dumps(run.report))  # plain JSON values, the same as report.json holds
 
 
 def _as_config(config: TrainConfig | dict | str | Path | None) -> TrainConfig:

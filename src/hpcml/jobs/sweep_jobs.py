@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from hpcml.config import build_config, merge
-from hpcml.errors import UsageError
+from hpcml.errors import HpcmlError, UsageError
 from hpcml.jobs import search
 from hpcml.jobs.tasks import Event, Outcome, Runner, Task
 
-RUN_JOB = "hpcml.jobs.sweep:run_job"
+RUN_JOB = "hpcml.jobs.sweep_jobs:run_job"
 
 
 def job_id(cfg) -> str:
@@ -123,3 +123,30 @@ def check_search(search_kind: str | None, *, random: int | None, prune: str | No
                 "split (data.val_fraction, e.g. --param data.val_fraction=0.1)"
             )
     return kind
+
+
+def run_job(
+    *,
+    config: dict[str, Any],
+    out: str,
+    threads: int,
+    attempt: int,
+    parent_run: str | None = None,
+    trial: dict[str, Any] | None = None,
+) -> dict:
+    """One sweep job in a worker: train `config` into `out` and return its report. `trial` ties it to
+    its Optuna trial (pruning, TPE); `parent_run` to the sweep's MLflow run."""
+    import shutil
+
+    from hpcml.training.run import run_process
+
+    cfg = build_config(config)
+    if cfg.threads is None:
+        cfg = cfg.model_copy(update={"threads": threads})
+    if Path(out).exists():  # an earlier attempt died half-way: start its run dir afresh
+        shutil.rmtree(out)
+    callbacks = [search.Pruning(**trial)] if trial is not None else []
+    run = run_process(cfg, out=out, quiet=True, parent_run=parent_run, callbacks=callbacks)
+    if run is None:
+        raise HpcmlError(f"{out}: the training run wrote no report")
+    return json.loads(json.dumps(run.report))  # plain JSON values, the same as report.json holds
