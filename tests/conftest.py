@@ -18,6 +18,9 @@ def pytest_configure(config):
     here = str(Path(__file__).parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     sys.path.insert(0, here)
+    # Ray reads its loopback switch when first imported, and tests import Ray before hpcml starts its
+    # local instance (which sets it itself when it imports Ray first: tests/jobs/test_sweep.py checks)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # HPCML_TEST_CPU_FLAGS=avx2 (or avx512_bf16): every process of the run sees that CPU, so one machine
     # runs the suite on the other CPU's precision paths too (see cpu_override/sitecustomize.py).
     if os.environ.get("HPCML_TEST_CPU_FLAGS"):

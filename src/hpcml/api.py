@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from torch import nn
 
 import hpcml
 from hpcml.config import DataConfig, TrainConfig, build_config
+from hpcml.distributed.dist import launcher_env
 from hpcml.models.io import Model, load_model
 from hpcml.training.build import ModelSource
 from hpcml.training.callbacks import Callback
@@ -113,6 +115,10 @@ def train(
     torch.distributed's elastic launcher; `batch_size` is per rank. Only the node of rank 0 writes the
     run dir; on the other nodes this returns None.
 
+    Started by torchrun (WORLD_SIZE/RANK/LOCAL_RANK) or SLURM (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
+    with MASTER_ADDR/MASTER_PORT), this process joins that job as its rank instead: `out` is then
+    required, `nproc`/`nnodes` must stay 1, and only global rank 0 writes the run dir and gets a Run.
+
     `resume=RUN_DIR` continues that run from its newest valid checkpoint, with its own config.yaml
     (`config` must then be None) and the same layout. An edited config.yaml is refused, naming the
     changed fields; the one extension is more `epochs` (here, or in config.yaml) for a run with a
@@ -134,6 +140,10 @@ def train(
         cfg = build_config({**cfg.model_dump(mode="json"), "epochs": epochs}, source="epochs")
     if model is not None:
         cfg = _with_model_spec(cfg, model)
+    joined = launcher_env(os.environ)
+    if joined is not None:
+        return _join(cfg, joined, out=out, nproc=nproc, nnodes=nnodes, quiet=quiet, resume=resume is not None,
+                     model=model, callbacks=callbacks)  # fmt: skip
     if nproc == 1 and nnodes == 1:
         # with no --out the run dir is named after the data is loaded: run_process locks it then
         with RunDirLock(Path(out)) if out is not None else contextlib.nullcontext() as lock:
@@ -162,6 +172,28 @@ def _with_model_spec(cfg: TrainConfig, model: ModelSource) -> TrainConfig:
     values = cfg.model_dump(mode="json")
     values["model"]["name"] = spec
     return build_config(values, source="model=")
+
+
+def _join(cfg: TrainConfig, joined, *, out, nproc, nnodes, quiet, resume, model, callbacks) -> Run | None:
+    """One rank of a job that torchrun or SLURM started: join its process group and train as one job."""
+    launcher, info = joined
+    if nproc != 1 or nnodes != 1:
+        raise hpcml.UsageError(
+            f"{launcher} already started this process as rank {info.rank} of {info.world_size}; drop "
+            "--nproc/--nnodes (they start hpcml's own launcher)"
+        )
+    if out is None:
+        raise hpcml.UsageError(
+            f"under {launcher} give --out: every rank must name the same run dir (rank 0 writes it)"
+        )
+    out = Path(out)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts
+    # global rank 0 alone writes the run dir, so it alone holds the lock (other nodes may share it)
+    with RunDirLock(out) if info.is_main else contextlib.nullcontext():
+        return run_process(
+            cfg, out=out, quiet=quiet, dist=info, resume="auto" if restarted else resume, model=model,
+            callbacks=callbacks,
+        )  # fmt: skip
 
 
 def _launch(cfg: TrainConfig, *, out, model, callbacks, **kw) -> Run | None:

@@ -135,7 +135,9 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     "  hpcml train --resume runs/long                         # continue after a crash, bit-exact\n\n"
     "  hpcml train --resume runs/long --epochs 60             # more epochs (constant schedule only)\n\n"
     "  hpcml train --nproc 2 --batch-size 50                  # data parallel, 2 ranks x 50 = global 100\n\n"
-    "  hpcml train --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500 --nproc 8   # on each node",
+    "  hpcml train --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500 --nproc 8   # on each node\n\n"
+    "  torchrun --nproc-per-node 2 -m hpcml train --out runs/t    # ranks from torchrun (or srun)\n\n"
+    "  hpcml train --log tensorboard --log mlflow            # also log to TensorBoard and MLflow",
     no_args_is_help=False,
 )
 def train(
@@ -247,6 +249,14 @@ def train(
         list[str] | None,
         typer.Option("--set", help="Any config field, dotted: --set optim.warmup_fraction=0.1"),
     ] = None,
+    log: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--log",
+            "--log-to",  # under torchrun: its own parser refuses `--log` as an ambiguous --log-dir
+            help="Also log to tensorboard (event files in the run dir) or mlflow (repeatable).",
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run dir (default runs/<time>-<model>-<data>).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print report.json on stdout.")] = False,
@@ -293,6 +303,7 @@ def train(
         "grad_accum": grad_accum,
         "checkpoint.every": checkpoint_every,
         "checkpoint.keep": keep_checkpoints,
+        "log": [n.strip() for v in log for n in v.split(",")] if log else None,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if model_kw:
@@ -342,8 +353,9 @@ def train(
 
 
 def _show(run, *, json_: bool, quiet: bool, node_rank: int) -> None:
-    if run is None:  # a node other than rank 0's: that node writes the run dir
-        typer.echo(f"node {node_rank}: done (the node of rank 0 writes the run dir)", err=True)
+    if run is None:  # not the process of global rank 0: that one writes the run dir
+        who = f"node {node_rank}" if node_rank else "this rank"  # --nnodes node, or torchrun/SLURM rank
+        typer.echo(f"{who}: done (the process of global rank 0 writes the run dir)", err=True)
     elif json_:
         typer.echo(json.dumps(run.report, indent=2))
     elif not quiet:

@@ -36,6 +36,8 @@ SWEEP_HELP = (
     "  hpcml sweep --param lr=1e-3,1e-2 --folds 5 --workers 4 --out sweeps/cv\n\n"
     "  hpcml sweep --param lr=1e-4..1e-1:log --param epochs=10..40 --random 20 --out sweeps/rand\n\n"
     "  hpcml sweep --param lr=1e-3,1e-2 --backend ray --address 10.0.0.1:6379 --out /shared/sweeps/a\n\n"
+    "  hpcml sweep --config base.yaml --param lr=1e-4..1e-1:log --random 16 --search tpe --prune median "
+    "--out sweeps/tpe   # base.yaml has data.val_fraction\n\n"
     "  hpcml sweep --param lr=1e-3,1e-2 --metric test_loss --json --out sweeps/a > sweep.json"
 )
 
@@ -83,7 +85,18 @@ def sweep(
     param: Annotated[
         list[str] | None, typer.Option("--param", help="NAME=V1,V2,... or NAME=LO..HI[:log] (repeatable).")
     ] = None,
-    random: Annotated[int | None, typer.Option(help="Sample N configs instead of the full grid.")] = None,
+    random: Annotated[
+        int | None, typer.Option(help="Sample N configs instead of the full grid (--search tpe: N trials).")
+    ] = None,
+    search: Annotated[
+        str | None, typer.Option(help="grid, random or tpe (Optuna; study in OUT/optuna.db, resumable).")
+    ] = None,
+    prune: Annotated[
+        str | None, typer.Option(help="Stop trials behind on the validation metric: median or asha.")
+    ] = None,
+    log: Annotated[
+        list[str] | None, typer.Option("--log", "--log-to", help="Log each job to mlflow / tensorboard.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for --random sampling.")] = 0,
     folds: Annotated[int | None, typer.Option(help="K-fold cross-validation on the training split.")] = None,
     workers: Annotated[
@@ -103,7 +116,8 @@ def sweep(
 
     result = run_sweep(
         config, params=param or [], out=out, random=random, folds=folds, workers=workers, backend=backend,
-        address=address, retries=retries, metric=metric, seed=seed,
+        address=address, retries=retries, metric=metric, seed=seed, search_kind=search, prune=prune,
+        log=[n.strip() for v in log for n in v.split(",")] if log else None,
         on_event=_progress(not (quiet or json_)),
     )  # fmt: skip
     if json_:

@@ -183,6 +183,14 @@ class TrainConfig(_Strict):
         None, gt=0, description="early stopping: stop after N epochs without a better validation metric"
     )
     callbacks: list[CallbackSpec] = Field(default_factory=list, description="extra callbacks, by spec")
+    log: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="trackers to log to (rank 0): tensorboard, mlflow"
+    )
+
+    @field_validator("log")
+    @classmethod
+    def _once(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))
 
     @field_validator("device")
     @classmethod

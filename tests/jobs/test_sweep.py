@@ -2,8 +2,11 @@
 a kill, failed jobs, parameter validation, random sampling and folds."""
 
 import json
+import os
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -254,6 +257,48 @@ def test_ray_instance_is_loopback_only_with_token_auth(ray_instance):
     assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray_instance.nodes())
     assert get_authentication_mode() == AuthenticationMode.TOKEN
     probe(gcs)  # a real Ray GCS passes the probe
+
+
+def test_every_ray_listening_socket_is_on_loopback(ray_instance):
+    import psutil
+
+    ray = ray_instance
+    assert ray.get(ray.remote(lambda: 1).remote()) == 1  # a worker process exists too
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]  # the driver, GCS, raylet, workers, agents
+    assert {"gcs_server", "raylet"} <= {p.name() for p in procs}
+    listening = [
+        (p.pid, p.name(), c.laddr)
+        for p in procs
+        for c in p.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and c.laddr)
+    ]
+    assert len(listening) >= 3  # GCS, raylet, object manager at least
+    assert all(addr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for _, _, addr in listening), listening
+
+
+_FRESH = """
+import ray_first_or_not
+from hpcml.jobs.ray_backend import start_local_ray
+start_local_ray(num_cpus=1)
+import ray
+print(ray.util.get_node_ip_address(), ray.get_runtime_context().gcs_address)
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("ray_first", [False, True])
+def test_local_ray_is_put_on_loopback_by_hpcml_itself(ray_first):
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'hpcml[ray]')")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    code = _FRESH.replace("ray_first_or_not", "ray" if ray_first else "hpcml")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if ray_first:  # too late to switch Ray to loopback: refused before anything listens
+        assert r.returncode != 0 and "Ray was imported before hpcml could keep its local instance" in r.stderr
+    else:
+        assert r.returncode == 0, r.stderr[-2000:]
+        ip, gcs = r.stdout.split()
+        assert ip == "127.0.0.1" and gcs.startswith("127.0.0.1:")
 
 
 def test_ray_sweep_gives_the_same_table(ray_instance, local_sweep, tmp_path):

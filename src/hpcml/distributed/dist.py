@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from hpcml.errors import UsageError
 
 # A collective that waits longer than this fails instead of hanging (a peer died mid-step, say).
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)
@@ -32,6 +36,55 @@ class DistInfo:
         return cls(
             int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"])
         )
+
+
+def launcher_env(env: Mapping[str, str]) -> tuple[str, DistInfo] | None:
+    """The rank a launcher outside hpcml gave this process: ('torchrun', info) from WORLD_SIZE/RANK/
+    LOCAL_RANK, ('SLURM', info) from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, or None for a job of one.
+
+    torchrun's variables win (torchrun run inside an srun step sets both). A SLURM job also needs
+    MASTER_ADDR and MASTER_PORT, which torch.distributed's env:// rendezvous reads.
+    """
+    if "WORLD_SIZE" in env and "RANK" in env:
+        world = _int(env, "WORLD_SIZE")
+        if world <= 1:
+            return None
+        local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
+        local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        return "torchrun", DistInfo(_int(env, "RANK"), world, local, local_world)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        world = _int(env, "SLURM_NTASKS")
+        if world <= 1:
+            return None
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if missing:
+            raise UsageError(
+                f"a SLURM job of {world} tasks needs {' and '.join(missing)} (the address and a free port "
+                "of the node of task 0), e.g. export MASTER_ADDR=$(scontrol show hostnames "
+                '"$SLURM_JOB_NODELIST" | head -n1) MASTER_PORT=29500'
+            )
+        local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        return "SLURM", DistInfo(_int(env, "SLURM_PROCID"), world, local, _slurm_local_world(env, world))
+    return None
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise UsageError(f"environment variable {key}={env[key]!r} is not a whole number") from None
+
+
+def _slurm_local_world(env: Mapping[str, str], world: int) -> int:
+    """Tasks on this node: SLURM_NTASKS_PER_NODE, else this node's entry of SLURM_TASKS_PER_NODE
+    ('4(x2),3' = 4, 4, 3), else all tasks on one node."""
+    if env.get("SLURM_NTASKS_PER_NODE", "").isdigit():
+        return int(env["SLURM_NTASKS_PER_NODE"])
+    counts: list[int] = []
+    for n, times in re.findall(r"(\d+)(?:\(x(\d+)\))?", env.get("SLURM_TASKS_PER_NODE", "")):
+        counts += [int(n)] * int(times or 1)
+    node = int(env["SLURM_NODEID"]) if env.get("SLURM_NODEID", "").isdigit() else 0
+    return counts[node] if node < len(counts) else world
 
 
 def init_process_group(info: DistInfo, device: torch.device) -> None:

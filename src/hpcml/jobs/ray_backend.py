@@ -2,9 +2,13 @@
 
 - An address is probed first (an HTTP/2 handshake, as Ray's servers speak gRPC), so an unreachable or
   wrong one fails in seconds; ray.init alone retries for minutes.
-- A local instance started by hpcml binds 127.0.0.1 only, has no dashboard, and runs with Ray's token
-  authentication (RAY_AUTH_MODE=token; the token is generated into ~/.ray/auth_token, kept 0600).
-  hpcml refuses to start one with RAY_AUTH_MODE set to anything else.
+- A local instance started by hpcml listens on 127.0.0.1 only, through Ray's public means: its
+  environment switch RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set before Ray is imported, makes loopback this
+  node's address (checked with ray.util.get_node_ip_address() before anything starts; no private
+  constant or argument is touched). It has no dashboard and runs with Ray's token authentication
+  (RAY_AUTH_MODE=token; the token is generated into ~/.ray/auth_token, kept 0600). hpcml refuses to
+  start one with RAY_AUTH_MODE set to anything else. The tested Ray range is pinned in pyproject.toml
+  and tests/jobs checks that every listening socket of the instance is on loopback.
 - A cluster's token comes from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, never from the command line.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,10 +28,21 @@ from hpcml.jobs.tasks import cores
 __all__ = ["import_ray", "ray_session", "start_local_ray", "probe"]
 
 RAY_MIN_VERSION = (2, 59)  # token authentication on by default for local instances
+# Ray's own switch for "a cluster of one machine, on loopback" (its default on macOS and Windows), read
+# when Ray is imported
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_LOOPBACK = ("127.0.0.1", "::1")
+RAY_TESTED_BELOW = (2, 61)  # the range whose loopback-only listeners tests/jobs check (2.59, 2.60)
 PROBE_TIMEOUT = 5.0
 
 
-def import_ray() -> Any:
+def import_ray(*, local: bool = False) -> Any:
+    """Ray, checked for the tested range. `local=True` (hpcml is about to start a local instance): if
+    Ray is not imported yet, its documented switch LOOPBACK_ENV=0 goes into the environment first, so
+    Ray takes 127.0.0.1 as this node's address and every server it starts listens there (on Linux Ray
+    otherwise takes the machine's network address). It stays set for this process and its children."""
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     try:
         import ray
     except ImportError:
@@ -37,6 +53,13 @@ def import_ray() -> Any:
             f"Ray {ray.__version__} is too old: hpcml needs Ray >= {'.'.join(map(str, RAY_MIN_VERSION))} "
             "(token authentication); pip install -U 'hpcml[ray]'"
         )
+    if version >= RAY_TESTED_BELOW:
+        logging.getLogger("hpcml").warning(
+            "Ray %s is newer than the range hpcml is tested with (< %s): that its local instance listens on "
+            "127.0.0.1 only is not checked for it",
+            ray.__version__,
+            ".".join(map(str, RAY_TESTED_BELOW)),
+        )
     return ray
 
 
@@ -44,7 +67,7 @@ def import_ray() -> Any:
 def ray_session(address: str | None) -> Iterator[Any]:
     """Ray, connected. An existing session in this process (a notebook's, a test's) is used as is and
     left running; one hpcml opened is shut down at the end."""
-    ray = import_ray()
+    ray = import_ray(local=address is None)
     if ray.is_initialized():
         yield ray
         return
@@ -58,12 +81,11 @@ def ray_session(address: str | None) -> Iterator[Any]:
 
 def start_local_ray(*, num_cpus: int | None = None) -> Callable[[], None]:
     """Start a local Ray instance the way hpcml does (127.0.0.1 only, token auth, no dashboard); returns
-    the function that undoes the process-wide settings after `ray.shutdown()`."""
-    return _start_local(import_ray(), num_cpus=num_cpus)
+    the function to call after `ray.shutdown()` (nothing is left to undo: kept for callers)."""
+    return _start_local(import_ray(local=True), num_cpus=num_cpus)
 
 
 def _start_local(ray: Any, *, num_cpus: int | None = None) -> Callable[[], None]:
-    from ray._private import ray_constants
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
     mode = os.environ.get("RAY_AUTH_MODE")
@@ -72,39 +94,28 @@ def _start_local(ray: Any, *, num_cpus: int | None = None) -> Callable[[], None]
             f"RAY_AUTH_MODE={mode}: hpcml keeps Ray's token authentication on for the Ray instance it "
             "starts; unset RAY_AUTH_MODE (or set it to 'token')"
         )
-    # On Linux Ray resolves 127.0.0.1 to the machine's network address and its servers listen on every
-    # interface. Ray's "no cluster" mode (its default on macOS/Windows) keeps them all on loopback;
-    # the env var reaches the processes Ray spawns, the constant this already-imported driver.
-    saved_env = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    saved_const = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-    def restore() -> None:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_const
-        if saved_env is None:
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        else:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved_env
-
+    node_ip = ray.util.get_node_ip_address()  # the address Ray's servers would listen on
+    if node_ip not in _LOOPBACK:
+        raise HpcmlError(
+            f"Ray was imported before hpcml could keep its local instance on 127.0.0.1 (it would listen on "
+            f"{node_ip}); set {LOOPBACK_ENV}=0 before Ray is imported, or start Ray yourself "
+            "(ray start --head --node-ip-address 127.0.0.1) and pass its --address"
+        )
     try:
         ray.init(
             address="local",  # never attach to some other instance found on this machine
             num_cpus=num_cpus or cores(),
             include_dashboard=False,
-            _node_ip_address="127.0.0.1",
             logging_level=logging.ERROR,
             log_to_driver=False,
         )
     except Exception as err:
-        restore()
         raise HpcmlError(f"could not start a local Ray instance: {_first_line(err)}") from None
     if get_authentication_mode() != AuthenticationMode.TOKEN:  # Ray's default changed across versions
         ray.shutdown()
-        restore()
         raise HpcmlError("the local Ray instance came up without token authentication; not using it")
     _tighten_token_file()
-    return restore
+    return lambda: None
 
 
 def _tighten_token_file() -> None:

@@ -17,7 +17,6 @@ std across folds), best.yaml (the best config without folds: `hpcml train --conf
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -27,9 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from hpcml.config import TrainConfig, build_config, dump_config, merge
-from hpcml.errors import HpcmlError, UsageError
+from hpcml.errors import UsageError
+from hpcml.jobs import search
 from hpcml.jobs import sweep_report as report
-from hpcml.jobs.tasks import Event, Runner, Task, cores
+
+# job_id and run_job (the task function, by its older spec hpcml.jobs.sweep:run_job too) re-exported
+from hpcml.jobs.sweep_jobs import Plan, check_search, job_id, make_job, run_job  # noqa: F401
+from hpcml.jobs.tasks import Event, cores
 
 __all__ = ["sweep", "SweepResult", "valid_params", "parse_params"]
 
@@ -202,13 +205,6 @@ def _draw(values: list[Any] | _Range, rng: Any) -> Any:
     return int(round(x)) if values.integer else float(f"{x:.4g}")
 
 
-def job_id(cfg: TrainConfig) -> str:
-    """A hash of what the job computes; `threads` only says how fast, so it is left out."""
-    doc = cfg.model_dump(mode="json")
-    doc.pop("threads", None)
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def _check_values(base: dict[str, Any], params: dict[str, Any], source: str) -> None:
     """Each listed value alone on the base config: a bad one is named with its parameter."""
     for name, values in params.items():
@@ -232,6 +228,9 @@ def sweep(
     retries: int = 1,
     metric: str = "test_accuracy",
     seed: int = 0,
+    search_kind: str | None = None,
+    prune: str | None = None,
+    log: list[str] | None = None,
     on_event: Event | None = None,
 ) -> SweepResult:
     """Train every config of a grid (or `random` of them), each `folds` times, and tabulate them.
@@ -242,53 +241,36 @@ def sweep(
     job is retried `retries` times (one failing on invalid input, a UsageError, is not: it would fail
     the same way), then recorded with its error while the others go on. Rerunning with
     the same `out` skips finished jobs. `metric` is a report.json key; losses and times sort ascending.
+
+    `search_kind="tpe"` lets Optuna's TPE choose `random` trials from the same parameters, learning from
+    finished ones; `prune="median" | "asha"` stops trials whose per-epoch validation metric falls behind.
+    Both need a validation split in the base config and keep their Optuna study in OUT/optuna.db, so a
+    rerun continues it. `log=["mlflow"]` logs each job to MLflow, nested under a run for the sweep.
     """
     t0 = time.perf_counter()
     base_cfg = _as_config(config)
+    if log:
+        base_cfg = build_config({**base_cfg.model_dump(mode="json"), "log": log}, source="--log")
     base = base_cfg.model_dump(mode="json")
     parsed = parse_params(params)
     if folds is not None and (not isinstance(folds, int) or folds < 2):
         raise UsageError(f"folds must be a whole number >= 2, got {folds!r}")
     if base_cfg.data.folds is not None and folds is None:
         folds = base_cfg.data.folds  # a CV base config: its folds become the sweep's folds
+    kind = check_search(search_kind, random=random, prune=prune, folds=folds, base_cfg=base_cfg)
     _check_values(base, parsed, "sweep")
-    points = _points(parsed, random=random, seed=seed)
+    points = [] if kind == "tpe" else _points(parsed, random=random, seed=seed)
     workers = cores() if workers is None else workers
     out = Path(out) if out is not None else Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S")
     out = out.absolute()  # jobs may run elsewhere (Ray workers have their own working directory)
     (out / "runs").mkdir(parents=True, exist_ok=True)
 
-    jobs = []  # one dict per (point, fold)
-    for i, point in enumerate(points):
-        for fold in range(folds) if folds else [None]:
-            extra = {} if fold is None else {"data.folds": folds, "data.fold": fold}
-            cfg = build_config(merge(base, {**point, **extra}), source=f"sweep point {point}")
-            jid = job_id(cfg)
-            jobs.append({"id": jid, "point": i, "params": point, "fold": fold, "config": cfg,
-                         "dir": out / "runs" / jid})  # fmt: skip
-    if len({j["id"] for j in jobs}) != len(jobs):
-        raise UsageError("two parameter combinations give the same config; remove the duplicate values")
-
-    todo = []
-    for j in jobs:
-        j["report"] = _read_report(j["dir"])
-        j["status"], j["attempts"], j["error"], j["ran"] = ("done", 0, None, False)
-        if j["report"] is None:
-            todo.append(Task(j["id"], "hpcml.jobs.sweep:run_job", {
-                "config": j["config"].model_dump(mode="json"), "out": str(j["dir"]),
-            }))  # fmt: skip
+    parent = _mlflow_parent(base_cfg, out, parsed)
+    jobs, study = _jobs(base, points, kind=kind, folds=folds, out=out, prune=prune, seed=seed)
     _check_metric(metric, jobs)  # before running, when earlier runs left reports to check against
-    if todo:
-        with Runner(workers=workers, backend=backend, address=address) as runner:
-            outcomes = runner.run(todo, retries=retries, on_event=on_event)
-        for j in jobs:
-            o = outcomes.get(j["id"])
-            if o is not None:
-                j.update(ran=True, attempts=o.attempts, errors=o.errors, usage_error=o.usage_error)
-                if o.ok:
-                    j.update(report=o.value, status="done")
-                else:
-                    j.update(status="failed", error=o.error)
+    plan = Plan(jobs, out=out, base=base, params=parsed, parent=parent, study=study, prune=prune,
+                tpe_trials=random if kind == "tpe" else 0)  # fmt: skip
+    plan.run(workers=workers, backend=backend, address=address, retries=retries, on_event=on_event)
 
     _check_metric(metric, jobs)
     table = report.build_rows(jobs, list(parsed), metric=metric, folds=folds)
@@ -304,13 +286,53 @@ def sweep(
     result.summary = {
         "metric": result.metric, "metric_key": metric, "direction": report.direction(metric),
         "folds": folds, "params": {k: _plain(v) for k, v in parsed.items()}, "random": random,
+        "search": kind, "prune": prune,
         "seed": seed, "backend": backend, "workers": workers, "retries": retries,
         "jobs": len(jobs), "ran": result.ran, "skipped": result.skipped, "failed": len(result.failed),
         "wall_seconds": time.perf_counter() - t0, "rows": table, "best": result.best,
         "job_list": [_job_doc(j) for j in jobs], "files": {},
     }  # fmt: skip
     _write_outputs(result, base_cfg, jobs)
+    if parent is not None:
+        from hpcml.training.tracking import end_parent_run
+
+        best = result.best["mean"] if result.best else None
+        end_parent_run(
+            parent, {f"best_{result.metric}": best, "jobs": len(jobs), "failed": len(result.failed)}
+        )
     return result
+
+
+def _jobs(
+    base: dict, points: list[dict], *, kind: str, folds, out: Path, prune, seed: int
+) -> tuple[list, Any]:
+    """One job per (point, fold), and the Optuna study when the sweep has one: with TPE the points are
+    those of the study's finished trials (a rerun), each job tied to its trial."""
+    study, trials = None, []
+    if kind == "tpe" or prune:
+        study = search.open_study(out, prune=prune, seed=seed)
+        trials = search.finished_trials(study)  # and trials a killed sweep left running are failed
+        points = [t.user_attrs["point"] for t in trials] if kind == "tpe" else points
+    jobs = [
+        make_job(base, point, i, fold, folds, out)
+        for i, point in enumerate(points)
+        for fold in (range(folds) if folds else [None])
+    ]
+    if kind == "tpe":
+        for j, t in zip(jobs, trials, strict=True):
+            j["trial"] = t
+    if len({j["id"] for j in jobs}) != len(jobs):
+        raise UsageError("two parameter combinations give the same config; remove the duplicate values")
+    return jobs, study
+
+
+def _mlflow_parent(base_cfg: TrainConfig, out: Path, parsed: dict[str, Any]) -> str | None:
+    """With `log: [mlflow]`, the sweep's own MLflow run: each job's run is nested under it."""
+    if "mlflow" not in base_cfg.log:
+        return None
+    from hpcml.training.tracking import start_parent_run
+
+    return start_parent_run(out.name, {"sweep": {k: _plain(v) for k, v in parsed.items()}})
 
 
 def _write_outputs(result: SweepResult, base_cfg: TrainConfig, jobs: list[dict]) -> None:
@@ -336,23 +358,6 @@ def _write_outputs(result: SweepResult, base_cfg: TrainConfig, jobs: list[dict])
     report.write_text(out / "sweep.json", json.dumps(result.summary, indent=2, default=str) + "\n")
 
 
-def run_job(*, config: dict[str, Any], out: str, threads: int, attempt: int) -> dict:
-    """One sweep job in a worker: train `config` into `out` and return its report."""
-    import shutil
-
-    from hpcml.training.run import run_process
-
-    cfg = build_config(config)
-    if cfg.threads is None:
-        cfg = cfg.model_copy(update={"threads": threads})
-    if Path(out).exists():  # an earlier attempt died half-way: start its run dir afresh
-        shutil.rmtree(out)
-    run = run_process(cfg, out=out, quiet=True)
-    if run is None:
-        raise HpcmlError(f"{out}: the training run wrote no report")
-    return json.loads(json.dumps(run.report))  # plain JSON values, the same as report.json holds
-
-
 def _as_config(config: TrainConfig | dict | str | Path | None) -> TrainConfig:
     # as hpcml.train reads it, without importing torch: only the workers need it
     from hpcml.config import load_config
@@ -367,13 +372,6 @@ def _check_metric(metric: str, jobs: list[dict]) -> None:
     if got is not None and not _number(got.get(metric)):
         keys = sorted(k for k, v in got.items() if _number(v))
         raise UsageError(f"unknown metric {metric!r}; report.json has: {', '.join(keys)}")
-
-
-def _read_report(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "report.json").read_text())
-    except (OSError, json.JSONDecodeError):  # missing or damaged: the job runs (again)
-        return None
 
 
 def _job_doc(j: dict) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from hpcml._files import atomic_write, save_figure
 
-_STATUS_ORDER = {"ok": 0, "partial": 1, "failed": 2}
+_STATUS_ORDER = {"ok": 0, "partial": 1, "pruned": 2, "failed": 3}
 
 
 def direction(metric: str) -> str:
@@ -34,7 +34,8 @@ def _number(v: Any) -> bool:
 def build_rows(jobs: list[dict], params: list[str], *, metric: str, folds: int | None) -> list[dict]:
     """Group jobs by config, average the metric over its finished folds, sort best first.
 
-    A config with a failed fold is 'partial' and ranks after every complete one; one with no
+    A config with a failed fold is 'partial' and ranks after every complete one; one stopped by the
+    sweep's pruner is 'pruned' (its score is from fewer epochs) and ranks after those; one with no
     finished fold is 'failed', comes last and has no rank (None): it has no score to rank by.
     """
     groups: dict[int, list[dict]] = defaultdict(list)
@@ -54,7 +55,9 @@ def build_rows(jobs: list[dict], params: list[str], *, metric: str, folds: int |
             "std": statistics.stdev(vals) if len(vals) >= 2 else None,
             "n": len(vals),
             "of": len(js),
-            "status": "ok" if len(vals) == len(js) else ("partial" if vals else "failed"),
+            "status": "pruned" if vals and any(_pruned(j) for j in done) else (
+                "ok" if len(vals) == len(js) else ("partial" if vals else "failed")
+            ),
             "train_seconds": statistics.fmean(secs) if secs else None,
             "jobs": [j["id"] for j in js],
             "error": next((j["error"] for j in js if j["error"]), None),
@@ -64,6 +67,10 @@ def build_rows(jobs: list[dict], params: list[str], *, metric: str, folds: int |
     for i, r in enumerate(rows):
         r["rank"] = i + 1 if r["status"] != "failed" else None
     return rows
+
+
+def _pruned(job: dict) -> bool:
+    return str(job["report"].get("stopped_by") or "").startswith("pruned")
 
 
 def fmt(v: Any) -> str:

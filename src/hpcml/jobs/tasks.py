@@ -220,17 +220,23 @@ class Runner:
         return SharedArray(shm.name, tuple(x.shape), x.dtype.str)
 
     def run(
-        self, tasks: list[Task], *, retries: int = 0, on_event: Event | None = None
+        self,
+        tasks: list[Task],
+        *,
+        retries: int = 0,
+        on_event: Event | None = None,
+        more: Callable[[Outcome], list[Task]] | None = None,
     ) -> dict[str, Outcome]:
         """Run every task, each retried up to `retries` times after a failure; {task id: Outcome}.
 
         A UsageError (invalid input, e.g. a config value the model cannot take) is not retried: it
-        would fail the same way again. Its Outcome says so (`usage_error`)."""
+        would fail the same way again. Its Outcome says so (`usage_error`). `more(outcome)`, called as
+        each task ends, may return new tasks to run (a search that picks its next trial from results)."""
         if retries < 0:
             raise UsageError(f"retries must be >= 0, got {retries}")
         if len({t.id for t in tasks}) != len(tasks):
             raise ValueError("task ids must be unique")
-        book = _Book(tasks, retries, on_event or (lambda e: None))
+        book = _Book(tasks, retries, on_event or (lambda e: None), more)
         if not tasks:
             return {}
         if self.backend == "ray":
@@ -330,12 +336,21 @@ class Runner:
 class _Book:
     """The queue of (task, attempt) and what happened to each task; shared by both backends."""
 
-    def __init__(self, tasks: list[Task], retries: int, on_event: Event):
+    def __init__(self, tasks: list[Task], retries: int, on_event: Event, more=None):
         self.queue: deque[tuple[Task, int]] = deque((t, 0) for t in tasks)
-        self.retries, self.on_event, self.total = retries, on_event, len(tasks)
+        self.retries, self.on_event, self.total, self.more = retries, on_event, len(tasks), more
         self.outcomes: dict[str, Outcome] = {}
         self._errors: dict[str, list[str]] = {t.id: [] for t in tasks}
         self._t0: dict[str, float] = {}
+
+    def _ended(self, outcome: Outcome) -> None:
+        self.outcomes[outcome.id] = outcome
+        for task in self.more(outcome) if self.more else []:
+            if task.id in self._errors:
+                raise ValueError(f"task id {task.id} was already run")
+            self.queue.append((task, 0))
+            self._errors[task.id] = []
+            self.total += 1
 
     def started(self, task: Task, attempt: int) -> None:
         self._t0.setdefault(task.id, time.perf_counter())
@@ -344,9 +359,7 @@ class _Book:
         seconds = time.perf_counter() - self._t0[task.id]
         event = {"id": task.id, "attempt": attempt + 1, "seconds": seconds, "total": self.total}
         if status == "ok":
-            self.outcomes[task.id] = Outcome(
-                task.id, True, payload, None, attempt + 1, seconds, self._errors[task.id]
-            )
+            self._ended(Outcome(task.id, True, payload, None, attempt + 1, seconds, self._errors[task.id]))
             self.on_event({**event, "event": "done", "value": payload, "done": len(self.outcomes)})
             return
         self._errors[task.id].append(payload)
@@ -354,7 +367,7 @@ class _Book:
             self.queue.append((task, attempt + 1))  # to the back: a crash from memory pressure may pass
             self.on_event({**event, "event": "retry", "error": payload, "done": len(self.outcomes)})
             return
-        self.outcomes[task.id] = Outcome(
+        self._ended(Outcome(
             task.id, False, None, payload, attempt + 1, seconds, self._errors[task.id], status == "usage"
-        )
+        ))  # fmt: skip
         self.on_event({**event, "event": "failed", "error": payload, "done": len(self.outcomes)})

@@ -23,6 +23,7 @@ from hpcml.training.precision import detect
 from hpcml.training.report import RunDir, RunDirLock, check_out_dir, default_run_dir
 from hpcml.training.state import RunState
 from hpcml.training.summary import Run, RunDirWriter  # noqa: F401  (Run re-exported)
+from hpcml.training.tracking import check_available, loggers
 
 
 def as_config(cfg: TrainConfig | dict | str | Path | None) -> TrainConfig:
@@ -53,16 +54,20 @@ def run_process(
     lock: RunDirLock | None = None,
     model: ModelSource = None,
     callbacks: Sequence[Callback] = (),
+    parent_run: str | None = None,
 ) -> Run | None:
     """The training run of one process: the whole job, or one rank of a data-parallel job.
 
     `resume`: True = continue from the newest checkpoint in `out` (an error if there is none),
     "auto" = continue if there is one (an elastic restart), False = a fresh run.
+    `parent_run`: the MLflow run (a sweep's) this run's MLflow run is nested under.
     """
     t_wall = time.perf_counter()
     info = dist or DistInfo()
     if out is not None:
         check_out_dir(Path(out))  # before the data is loaded: a bad --out fails in a second, exit 2
+    if info.is_main:
+        check_available(cfg.log)  # a missing extra fails now, not after training
     data = load_dataset(cfg.data)
     cfg = resolve_model_name(cfg, data)
     if out is None:
@@ -84,7 +89,7 @@ def run_process(
             pdist.init_process_group(info, hw.device)
         try:
             result = _run(cfg, data, hw, info, out=Path(out), quiet=quiet, t_wall=t_wall, resume=resume,
-                          model=model, callbacks=callbacks)  # fmt: skip
+                          model=model, callbacks=callbacks, parent_run=parent_run)  # fmt: skip
             if info.world_size > 1:
                 torch.distributed.barrier()  # rank 0 has written the run dir before anyone tears down
             return result
@@ -95,7 +100,9 @@ def run_process(
                 torch.distributed.destroy_process_group()
 
 
-def _run(cfg, data, hw, info: DistInfo, *, out: Path, quiet, t_wall, resume, model, callbacks) -> Run | None:
+def _run(
+    cfg, data, hw, info: DistInfo, *, out: Path, quiet, t_wall, resume, model, callbacks, parent_run
+) -> Run | None:
     from hpcml.crypto import key_from_env
     from hpcml.training.resume import Checkpointer, Checkpoints, find_resume_point, refuse_existing
 
@@ -129,6 +136,7 @@ def _run(cfg, data, hw, info: DistInfo, *, out: Path, quiet, t_wall, resume, mod
     chain.append(Checkpoints(ckpt, key=key))
     writer = RunDirWriter(RunDir(out), ckpt=ckpt, key=key, t_wall=t_wall) if info.is_main else None
     chain += [writer] if writer else []
+    chain += loggers(cfg.log, out, is_main=info.is_main, parent_run=parent_run)  # after the report is written
     chain += [Progress(not quiet), *from_specs(cfg.callbacks), *callbacks]
     fit(run, state, chain)
     return writer.result if writer else None
