@@ -36,8 +36,8 @@ APP_NAME = "hpcml-serve"
 GRACE_SECONDS = 30  # in-flight requests get this long once the application is deleted
 
 
-def _import_serve() -> Any:
-    import_ray()
+def _import_serve(cfg: ServeConfig) -> Any:
+    import_ray(local=cfg.address is None)  # a local instance: Ray's loopback switch before its import
     try:
         from ray import serve
     except ImportError as err:
@@ -80,7 +80,7 @@ def _settings(cfg: ServeConfig) -> ServeConfig:
 @contextmanager
 def _ray(cfg: ServeConfig) -> Iterator[Any]:
     """Ray, connected: the local instance hpcml starts (sized for the replicas), or the cluster."""
-    ray = import_ray()
+    ray = import_ray(local=cfg.address is None)
     if cfg.address is not None or ray.is_initialized():
         with ray_session(cfg.address) as session:
             yield session
@@ -152,7 +152,7 @@ def serve_ray(cfg: ServeConfig, *, log: Callable[[str], None] = print) -> None:
     """Deploy on Ray Serve and block until SIGTERM/SIGINT; returns after the deployment is deleted."""
     from hpcml.inference.security import load_token, token_id
 
-    serve = _import_serve()
+    serve = _import_serve(cfg)
     cfg = _settings(cfg)
     token, source = load_token()
     for name in ("ray", "ray.serve"):
@@ -162,7 +162,7 @@ def serve_ray(cfg: ServeConfig, *, log: Callable[[str], None] = print) -> None:
     def on_signal(signum: int, _frame: Any) -> None:
         stop["signal"] = signum
 
-    ray = import_ray()
+    ray = import_ray(local=cfg.address is None)
     started_ray = cfg.address is None and not ray.is_initialized()
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

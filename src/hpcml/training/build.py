@@ -162,17 +162,22 @@ def step_flops(
         rows = -(-data.train_rows // world_size)
     else:
         rows = min(cfg.batch_size, max(1, data.train_rows // world_size)) * cfg.grad_accum
-    dev = "meta"
+    dev, module = "meta", model
+    training = model.training if isinstance(model, nn.Module) else True
     try:
-        if isinstance(model, nn.Module):  # already built: count one real row on its own device
-            module, dev = model, next(model.parameters()).device
+        if isinstance(model, nn.Module):  # already built: count 2 real rows, in eval mode so that
+            dev = next(model.parameters()).device  # BatchNorm's running stats stay untouched
+            model.eval()
         else:
             with torch.device("meta"):
                 module = make_module(cfg, data, model)
-        x = torch.zeros(1, *data.input_shape, device=dev)
-        per_row = train_step_flops(module, x, None, lambda out, _y: out.float().sum())
+        x = torch.zeros(2, *data.input_shape, device=dev)
+        per_row = train_step_flops(module, x, None, lambda out, _y: out.float().sum()) / 2
     except Exception:  # noqa: BLE001 - an estimate only; the real build reports real errors
         return None
+    finally:
+        if isinstance(model, nn.Module):
+            model.train(training)
     return float(per_row * rows)
 
 
