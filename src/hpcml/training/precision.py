@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 
@@ -23,20 +22,7 @@ class Hardware:
     threads_reason: str = "requested"
 
 
-from hpcml._system import available_cores  # noqa: E402  (re-exported: callers import it from here)
-
-
-@cache
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
+from hpcml._system import available_cores, cpu_flags  # noqa: E402,F401  (re-exported)
 
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
