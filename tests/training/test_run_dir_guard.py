@@ -29,7 +29,8 @@ def _popen(*args, env=None):
 
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path, cli):
     out = tmp_path / "run"
-    args = ["train", "--data", "synthetic", "--rows", "20000", "--model", "mlp", "--epochs", "6",
+    # long enough (tens of seconds on 2 cores) to outlast the second process's start-up (imports)
+    args = ["train", "--data", "synthetic", "--rows", "20000", "--model", "mlp", "--epochs", "40",
             "--threads", "1", "--precision", "fp32", "--quiet", "--out", str(out)]  # fmt: skip
     first = _popen(*args)
     try:
@@ -44,8 +45,8 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tmp_path
         _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]  # one run's rows, one object per line
-    assert json.loads((out / "report.json").read_text())["epochs"] == 6
+    assert [r["epoch"] for r in rows] == list(range(1, 41))  # one run's rows, one object per line
+    assert json.loads((out / "report.json").read_text())["epochs"] == 40
 
 
 def test_a_killed_run_leaves_no_lock_behind(tmp_path, small_cfg, cli):
