@@ -31,3 +31,8 @@ digits = load_digits()
 rows = [",".join(f"px{j}" for j in range(64))]
 rows += [",".join(str(int(v)) for v in digits.data[i]) for i in range(20)]
 Path(__file__).with_name("digits.csv").write_text("\n".join(rows) + "\n")
+
+# examples/houses-new.csv: 10 houses without a price, to predict (complete rows: predict refuses gaps)
+rows = ["area,rooms,age,distance_km"]
+rows += [f"{area[i]},{int(rooms[i])},{age[i]},{dist[i]}" for i in range(n - 10, n)]
+Path(__file__).with_name("houses-new.csv").write_text("\n".join(rows) + "\n")
