@@ -26,17 +26,7 @@ import hpcml
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-FEATURES, CLASSES = 4, 3
-
-
-@pytest.fixture(scope="module")
-def clf_dir(tmp_path_factory):
-    cfg = {
-        "data": {"name": "synthetic", "rows": 400, "features": FEATURES, "classes": CLASSES},
-        "model": {"name": "mlp", "kwargs": {"hidden": 16}},
-        "epochs": 2, "batch_size": 64, "threads": 1, "precision": "fp32",
-    }  # fmt: skip
-    return hpcml.train(cfg, out=tmp_path_factory.mktemp("clf") / "run", quiet=True).dir / "model"
+FEATURES, CLASSES = 4, 3  # the clf_dir fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")

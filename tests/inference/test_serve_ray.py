@@ -20,23 +20,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import hpcml
-
 pytest.importorskip("ray.serve")
 
 TOKEN = "test-token-ray-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-FEATURES, CLASSES = 4, 3
-
-
-@pytest.fixture(scope="module")
-def clf_dir(tmp_path_factory):
-    cfg = {
-        "data": {"name": "synthetic", "rows": 400, "features": FEATURES, "classes": CLASSES},
-        "model": {"name": "mlp", "kwargs": {"hidden": 16}},
-        "epochs": 2, "batch_size": 64, "threads": 1, "precision": "fp32",
-    }  # fmt: skip
-    return hpcml.train(cfg, out=tmp_path_factory.mktemp("clf") / "run", quiet=True).dir / "model"
+FEATURES, CLASSES = 4, 3  # the clf_dir fixture (conftest.py)
 
 
 def _listening(proc: subprocess.Popen, err: Path) -> str:

@@ -110,6 +110,23 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class ResponseStatus:
+    """Wraps an ASGI `send`: records the response's status (500 until one is sent, so a request that
+    raised counts as one) and the time since the request started. Shared by the middlewares."""
+
+    def __init__(self, send: Any) -> None:
+        self.send, self.code, self.t0 = send, 500, time.perf_counter()
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.code = message["status"]
+        await self.send(message)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
 class AuditLog:
     """One JSON line per request: time, client, method, path, token id, rows, status, latency.
     Never the body, the predictions or the token. Endpoints put `token_id` and `rows` in the scope's
@@ -122,15 +139,8 @@ class AuditLog:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), 500
         state = scope.setdefault("state", {})
-
-        async def watch(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        watch = ResponseStatus(send)
         try:
             await self.app(scope, receive, watch)
         finally:
@@ -142,7 +152,7 @@ class AuditLog:
                 "path": scope.get("path"),
                 "token_id": state.get("token_id"),
                 "rows": state.get("rows"),
-                "status": status,
-                "latency_ms": round((time.perf_counter() - t0) * 1e3, 3),
+                "status": watch.code,
+                "latency_ms": round(watch.seconds * 1e3, 3),
             }
             self.file.write(json.dumps(entry) + "\n")

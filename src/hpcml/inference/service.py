@@ -15,7 +15,6 @@ the batcher, in the units and order `hpcml predict` writes them.
 
 import asyncio
 import hmac
-import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -31,7 +30,7 @@ from hpcml.config import ServeConfig
 from hpcml.errors import HpcmlError
 from hpcml.inference.batcher import Batcher
 from hpcml.inference.metrics import Metrics
-from hpcml.inference.security import AuditLog, BodyLimit, token_id
+from hpcml.inference.security import AuditLog, BodyLimit, ResponseStatus, token_id
 
 __all__ = ["create_app", "PredictRequest", "PredictResponse"]
 
@@ -218,20 +217,13 @@ class _Arrivals:
         if counted:
             batcher.arriving += 1
             scope.setdefault("state", {})["arrival"] = True
-        t0, status = time.perf_counter(), 500
-
-        async def watch(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        watch = ResponseStatus(send)
         try:
             await self.app(scope, receive, watch)
         finally:
             if counted and scope["state"].get("arrival"):
                 batcher.arriving -= 1
-            self.service.metrics.request(scope["path"], status, time.perf_counter() - t0)
+            self.service.metrics.request(scope["path"], watch.code, watch.seconds)
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
