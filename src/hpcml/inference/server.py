@@ -40,9 +40,6 @@ def import_serve() -> None:
         raise UsageError(f"hpcml serve needs {err.name}: pip install 'hpcml[serve]'") from None
 
 
-_cores = available_cores
-
-
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -75,7 +72,7 @@ def check_config(cfg: ServeConfig) -> ServeConfig:
         from hpcml.inference.onnx_runtime import require_onnx
 
         require_onnx("onnxruntime", "onnx", "onnxscript")
-    threads = cfg.threads or max(1, _cores() // cfg.workers)
+    threads = cfg.threads or max(1, available_cores() // cfg.workers)
     return cfg.model_copy(update={"threads": threads})
 
 

@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from hpcml._files import atomic_file
+from hpcml._system import available_cores
 from hpcml.errors import UsageError
 from hpcml.inference.columns import choose_columns as _choose
 from hpcml.inference.columns import table_matrix as _matrix
-from hpcml.jobs.tasks import Runner, Task, attached, cores
+from hpcml.jobs.tasks import Runner, Task, attached
 
 __all__ = ["predict_parallel", "read_input", "write_output", "OUTPUT_FORMATS"]
 
@@ -80,7 +81,7 @@ def predict_parallel(
             require_onnx("onnxruntime", "onnx", "onnxscript")  # before any worker starts
         here = runtime if workers == 1 and backend == "local" else "torch"  # workers export their own
         # verified here first: a bad dir fails before any worker starts
-        model = _load(model_dir, runtime=here, trust_code=trust_code, threads=cores())
+        model = _load(model_dir, runtime=here, trust_code=trust_code, threads=available_cores())
     regression = model.meta.get("task") == "regression"
     if probabilities and regression:
         raise UsageError("probabilities are for classification models; this model is a regression model")
@@ -92,7 +93,7 @@ def predict_parallel(
         import torch
 
         before = torch.get_num_threads()
-        torch.set_num_threads(cores())
+        torch.set_num_threads(available_cores())
         try:
             result = _predict(model, x, batch_size=batch_size, probabilities=probabilities)
         finally:

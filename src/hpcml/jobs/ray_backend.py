@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from hpcml._system import available_cores
 from hpcml.errors import HpcmlError, UsageError
-from hpcml.jobs.tasks import cores
 
 __all__ = ["import_ray", "ray_session", "start_local_ray", "probe"]
 
@@ -104,7 +104,7 @@ def _start_local(ray: Any, *, num_cpus: int | None = None) -> Callable[[], None]
     try:
         ray.init(
             address="local",  # never attach to some other instance found on this machine
-            num_cpus=num_cpus or cores(),
+            num_cpus=num_cpus or available_cores(),
             include_dashboard=False,
             logging_level=logging.ERROR,
             log_to_driver=False,

@@ -25,10 +25,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hpcml._system import available_cores
 from hpcml.config import ServeConfig
 from hpcml.errors import HpcmlError, UsageError
 from hpcml.jobs.ray_backend import import_ray, ray_session, start_local_ray
-from hpcml.jobs.tasks import cores
 
 __all__ = ["serve_ray", "APP_NAME"]
 
@@ -64,7 +64,9 @@ def _settings(cfg: ServeConfig) -> ServeConfig:
     if cfg.workers != 1:
         raise UsageError("--workers is for the local backend; with --backend ray give --replicas N")
     if cfg.threads is None:  # on this machine: replicas x threads = cores; on a cluster, say --threads
-        cfg = cfg.model_copy(update={"threads": 1 if cfg.address else max(1, cores() // cfg.replicas)})
+        cfg = cfg.model_copy(
+            update={"threads": 1 if cfg.address else max(1, available_cores() // cfg.replicas)}
+        )
     cfg = check_config(cfg)
     update: dict[str, Any] = {"model_dir": str(Path(cfg.model_dir).resolve())}
     for key in ("tls_cert", "tls_key", "audit_log"):
@@ -85,7 +87,7 @@ def _ray(cfg: ServeConfig) -> Iterator[Any]:
         with ray_session(cfg.address) as session:
             yield session
         return
-    restore = start_local_ray(num_cpus=max(cores(), cfg.replicas * (cfg.threads or 1)))
+    restore = start_local_ray(num_cpus=max(available_cores(), cfg.replicas * (cfg.threads or 1)))
     try:
         yield ray
     finally:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpcml._system import available_cores
 from hpcml.config import TrainConfig, build_config, dump_config, merge
 from hpcml.errors import UsageError
 from hpcml.jobs import search
@@ -32,7 +33,7 @@ from hpcml.jobs import sweep_report as report
 
 # job_id and run_job (the task function, by its older spec hpcml.jobs.sweep:run_job too) re-exported
 from hpcml.jobs.sweep_jobs import Plan, check_search, job_id, make_job, run_job  # noqa: F401
-from hpcml.jobs.tasks import Event, cores
+from hpcml.jobs.tasks import Event
 
 __all__ = ["sweep", "SweepResult", "valid_params", "parse_params"]
 
@@ -260,7 +261,7 @@ def sweep(
     kind = check_search(search_kind, random=random, prune=prune, folds=folds, base_cfg=base_cfg)
     _check_values(base, parsed, "sweep")
     points = [] if kind == "tpe" else _points(parsed, random=random, seed=seed)
-    workers = cores() if workers is None else workers
+    workers = available_cores() if workers is None else workers
     out = Path(out) if out is not None else Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S")
     out = out.absolute()  # jobs may run elsewhere (Ray workers have their own working directory)
     (out / "runs").mkdir(parents=True, exist_ok=True)

@@ -62,11 +62,8 @@ class Outcome:
 Event = Callable[[dict[str, Any]], None]
 
 
-cores = available_cores
-
-
 def threads_per_job(workers: int) -> int:
-    return max(1, cores() // max(1, workers))
+    return max(1, available_cores() // max(1, workers))
 
 
 def error_message(exc: BaseException) -> str:

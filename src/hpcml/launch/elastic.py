@@ -87,10 +87,10 @@ def check_nproc(nproc: int, *, device: str, cores: int, gpus: int) -> None:
 def _check_hardware(nproc: int, device: str) -> None:
     import torch
 
-    from hpcml.jobs.tasks import cores
+    from hpcml._system import available_cores
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    check_nproc(nproc, device=device, cores=cores(), gpus=gpus)
+    check_nproc(nproc, device=device, cores=available_cores(), gpus=gpus)
 
 
 # Loggers the elastic launcher writes through (their children too: some set their own level).
