@@ -137,7 +137,8 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     "  hpcml train --nproc 2 --batch-size 50                  # data parallel, 2 ranks x 50 = global 100\n\n"
     "  hpcml train --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500 --nproc 8   # on each node\n\n"
     "  torchrun --nproc-per-node 2 -m hpcml train --out runs/t    # ranks from torchrun (or srun)\n\n"
-    "  hpcml train --log tensorboard --log mlflow            # also log to TensorBoard and MLflow",
+    "  hpcml train --log tensorboard --log mlflow            # also log to TensorBoard and MLflow\n\n"
+    "  hpcml train --data stores/photos --model mobilenet_v2 --augment flip,crop   # images",
     no_args_is_help=False,
 )
 def train(
@@ -193,6 +194,14 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing in [0, 1).")] = None,
+    augment: Annotated[
+        str | None,
+        typer.Option(help="Images: flip,crop: random flip / padded crop on the device, per batch (seeded)."),
+    ] = None,
+    crop_padding: Annotated[int | None, typer.Option(help="Zero pixels around images for crop (4).")] = None,
+    channels_last: Annotated[
+        str | None, typer.Option(help="Images: auto, on or off (NHWC memory format; auto: CUDA).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed: same seed, same weights (CPU).")] = None,
     target_accuracy: Annotated[
         float | None, typer.Option(help="Stop once test accuracy reaches this.")
@@ -293,6 +302,9 @@ def train(
         "epochs": epochs,
         "batch_size": batch_size,
         "label_smoothing": label_smoothing,
+        "augment": [a.strip() for a in augment.split(",") if a.strip()] if augment is not None else None,
+        "crop_padding": crop_padding,
+        "channels_last": channels_last,
         "seed": seed,
         "target_accuracy": target_accuracy,
         "patience": patience,

@@ -168,6 +168,13 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step (global batch x K)")
     eval_batch_size: int = Field(8192, gt=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    augment: list[Literal["flip", "crop"]] = Field(
+        default_factory=list, description="image augmentation on the device, per batch: flip, crop"
+    )
+    crop_padding: int = Field(4, ge=1, le=64, description="zero pixels around each image for the random crop")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="channels_last memory format for image models; auto: where it was measured to pay"
+    )
     seed: int = 0
     target_accuracy: float | None = Field(None, gt=0, le=1, description="stop once test accuracy >= this")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -187,7 +194,7 @@ class TrainConfig(_Strict):
         default_factory=list, description="trackers to log to (rank 0): tensorboard, mlflow"
     )
 
-    @field_validator("log")
+    @field_validator("log", "augment")
     @classmethod
     def _once(cls, v: list[str]) -> list[str]:
         return list(dict.fromkeys(v))

@@ -37,13 +37,14 @@ def test_rgb_folder_pixels_labels_and_report(rgb_dir):
     x, y, classes, report = read_table(root)
     assert classes == ["cat", "dog"]
     order = ["cat/a.png", "cat/sub/c.PNG", "cat/z.png", "dog/a.png", "dog/b.png"]  # class, then path
-    assert x.dtype == np.float32 and x.shape == (5, 3, 4, 6) and y.dtype == np.int64
+    assert x.dtype == np.uint8 and x.shape == (5, 3, 4, 6) and y.dtype == np.int64  # raw bytes
     assert y.tolist() == [0, 0, 0, 1, 1]
-    want = np.stack([arrays[k].transpose(2, 0, 1) for k in order]).astype(np.float32) / np.float32(255)
+    want = np.stack([arrays[k].transpose(2, 0, 1) for k in order])
     assert np.array_equal(x, want)
     assert report["kind"] == "image" and report["format"] == "image" and report["feature_shape"] == [3, 4, 6]
     assert report["rows"] == report["rows_read"] == report["images"] == 5 and report["rows_dropped"] == 0
     assert report["files_ignored"] == 2 and report["image_mode"] == "RGB" and report["image_size"] == [4, 6]
+    assert report["images_converted"] == 0
     assert report["class_counts"] == [3, 2] and report["task"] == "classification"
 
 
@@ -51,12 +52,13 @@ def test_grayscale_one_channel_mixed_is_rgb(tmp_path):
     g = _img(tmp_path / "g" / "0" / "a.png", np.arange(12, dtype=np.uint8).reshape(3, 4) * 20)
     _img(tmp_path / "g" / "1" / "b.jpeg", np.full((3, 4), 7, np.uint8))
     x, _, _, report = read_table(tmp_path / "g")
-    assert x.shape == (2, 1, 3, 4) and report["image_mode"] == "L"
-    assert np.array_equal(x[0, 0], g.astype(np.float32) / np.float32(255))
+    assert x.shape == (2, 1, 3, 4) and report["image_mode"] == "L" and report["images_converted"] == 0
+    assert np.array_equal(x[0, 0], g)
     _img(tmp_path / "g" / "1" / "c.png", np.zeros((3, 4, 3), np.uint8))  # one colour image -> all RGB
     x, _, _, report = read_table(tmp_path / "g")
     assert x.shape == (3, 3, 3, 4) and report["image_mode"] == "RGB"
-    assert np.array_equal(x[0, 0], x[0, 2]) and np.array_equal(x[0, 1], g / np.float32(255))  # gray -> RGB
+    assert report["images_converted"] == 2  # the two grayscale ones, counted
+    assert np.array_equal(x[0, 0], x[0, 2]) and np.array_equal(x[0, 1], g)  # gray -> RGB
     x, *_ = read_table(tmp_path / "g", image_mode="L")  # forced
     assert x.shape == (3, 1, 3, 4)
 
@@ -68,7 +70,7 @@ def test_image_size_resizes_every_image_with_pillow(tmp_path):
     x, _, _, report = read_table(tmp_path / "r", image_size=(5, 7))
     assert x.shape == (2, 3, 5, 7) and report["images_resized"] == 2 and report["image_size"] == [5, 7]
     want = np.asarray(Image.fromarray(big).resize((7, 5), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
-    assert np.array_equal(x[0], want.astype(np.float32) / np.float32(255))
+    assert np.array_equal(x[0], want)
     assert read_table(tmp_path / "r", image_size=4)[0].shape == (2, 3, 4, 4)
 
 
@@ -120,7 +122,7 @@ def test_integer_class_names_sort_numerically(tmp_path):
         _img(tmp_path / "n" / c / "a.png", np.full((2, 2), int(c), np.uint8))
     x, y, classes, _ = read_table(tmp_path / "n")
     assert classes == ["1", "2", "10"] and y.tolist() == [0, 2, 1]  # files sorted by folder name as text
-    assert np.allclose(x[:, 0, 0, 0] * 255, [1, 10, 2])
+    assert x[:, 0, 0, 0].tolist() == [1, 10, 2]
 
 
 def test_pack_round_trips_and_reads_from_a_url(rgb_dir, tmp_path):

@@ -52,6 +52,8 @@ def measure(cfg: TrainConfig, *, steps: int, warmup: int = 3, dist: DistInfo | N
         step_flops=step_flops(cfg, data, world_size=info.world_size),
         local_rank=info.local_rank,
         local_world_size=info.local_world_size,
+        channels_last=cfg.channels_last,
+        images=data.kind == "image",
     )
     threads_before = torch.get_num_threads()
     torch.set_num_threads(hw.threads)

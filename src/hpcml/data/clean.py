@@ -1,4 +1,5 @@
-"""Validate and clean a table: Arrow columns -> float32 features + label ids, with a report.
+"""Validate and clean a table: Arrow columns -> float32 features (an image column: its uint8 values)
++ label ids, with a report.
 
 Shared by files.py (user files) and store.py (packed stores) so both give identical arrays for the
 same rows. Nothing is cleaned silently: every dropped or imputed row, duplicate row and constant
@@ -18,7 +19,10 @@ import pyarrow.compute as pc
 
 from hpcml.errors import HpcmlError, UsageError
 
-__all__ = ["MISSING", "table_to_arrays", "label_classes", "check_features", "numeric", "target_hint"]
+__all__ = [
+    "MISSING", "table_to_arrays", "label_classes", "check_features", "numeric", "target_hint",
+    "is_tensor", "tensor_values",
+]  # fmt: skip
 
 MISSING = ("drop", "mean", "median", "error")
 _NUMERIC = (
@@ -65,10 +69,15 @@ def table_to_arrays(
     y_raw = table.column(target)
     classes = label_classes(pc.unique(y_raw), name=name, target=target) if classes is None else classes
     y, y_ok = _encode_labels(y_raw, classes, name, target)
-    x = np.empty((n0, len(features)), np.float32)
-    for j, col in enumerate(features):
-        x[:, j] = table.column(col).cast(pa.float64()).to_numpy(zero_copy_only=False)
-    bad = ~np.isfinite(x)  # NaN, +-Inf, nulls, and float64 values beyond float32's range
+    tensor = len(features) == 1 and is_tensor(table.schema.field(features[0]).type)
+    if tensor:  # an image column: kept in its own dtype (uint8), one row per image; nulls are missing
+        x, ok = tensor_values(table.column(features[0]))
+        bad = ~ok[:, None]
+    else:
+        x = np.empty((n0, len(features)), np.float32)
+        for j, col in enumerate(features):
+            x[:, j] = table.column(col).cast(pa.float64()).to_numpy(zero_copy_only=False)
+        bad = ~np.isfinite(x)  # NaN, +-Inf, nulls, and float64 values beyond float32's range
     bad_rows = bad.any(axis=1)
     report = {
         "source": name,
@@ -89,10 +98,12 @@ def table_to_arrays(
         what = (
             f"label {target!r} is missing"
             if not y_ok[i]
-            else f"column {features[j]!r} is {x[i, j]} (not finite)"
+            else f"column {features[j]!r} is {'missing' if tensor else f'{x[i, j]} (not finite)'}"
         )
         raise UsageError(f"{name}: {where}: {what}; use missing=drop, mean or median to clean such rows")
     keep = y_ok & ~bad_rows if missing == "drop" else y_ok
+    if missing in ("mean", "median") and bad.any() and tensor:
+        raise UsageError(f"{name}: rows with no {features[0]!r} value cannot be imputed; use missing=drop")
     if missing in ("mean", "median") and bad.any():
         fills = _impute(x, bad, keep, features, missing, name)
         report.update(values_imputed=int(bad[keep].sum()), imputed_with=fills)  # reuse them at predict time
@@ -101,7 +112,7 @@ def table_to_arrays(
     report["rows_dropped"] = n0 - len(x)
     if len(x) == 0:
         raise UsageError(_no_rows_left(name, report, features, bad[y_ok] if y_ok.any() else None))
-    const = np.ptp(x, axis=0) == 0
+    const = np.zeros(len(features), bool) if tensor else np.ptp(x, axis=0) == 0
     report.update(
         rows=len(x),
         features=len(features),
@@ -112,7 +123,7 @@ def table_to_arrays(
     )
     if classes is not None:
         report.update(num_classes=len(classes), class_counts=np.bincount(y, minlength=len(classes)).tolist())
-    if feature_shape and len(features) == int(np.prod(feature_shape)):
+    if feature_shape and not tensor and len(features) == int(np.prod(feature_shape)):
         x = x.reshape(len(x), *feature_shape)
     report["kind"] = {2: "tabular", 3: "sequence", 4: "image"}.get(x.ndim, "tabular")
     report["feature_shape"] = list(x.shape[1:])
@@ -223,7 +234,34 @@ def check_features(schema: pa.Schema, features: list[str], target: str | None, n
 
 
 def numeric(t: pa.DataType) -> bool:
-    return any(is_(t) for is_ in _NUMERIC)
+    return any(is_(t) for is_ in _NUMERIC) or is_tensor(t)
+
+
+def is_tensor(t: pa.DataType) -> bool:
+    """An Arrow fixed_shape_tensor of integers or floats (an image column)."""
+    return isinstance(t, pa.FixedShapeTensorType) and (
+        pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type)
+    )
+
+
+def tensor_values(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values (rows, *shape) in the tensor's own dtype, True where the row is not null) of a
+    fixed_shape_tensor column; null rows are zeros."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    t = col.type
+    x = np.zeros((len(col), *t.shape), t.value_type.to_pandas_dtype())
+    ok = np.ones(len(col), bool)
+    pos = 0
+    for ch in chunks:
+        n = len(ch)
+        if ch.null_count:
+            valid = ch.is_valid().to_numpy(zero_copy_only=False)
+            ok[pos : pos + n] = valid
+            x[pos : pos + n][valid] = ch.filter(pa.array(valid)).to_numpy_ndarray()
+        elif n:
+            x[pos : pos + n] = ch.to_numpy_ndarray()
+        pos += n
+    return x, ok
 
 
 def target_hint(col: str, target: str | None) -> str:
@@ -254,7 +292,11 @@ def repeated_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """
     n = len(x)
     mask = np.zeros(n, bool)
-    words = np.concatenate([x.reshape(n, -1).view(np.uint32), y.reshape(n, 1).view(np.uint32)], axis=1)
+    flat = x.reshape(n, -1)
+    if flat.dtype.itemsize != 4:  # uint8 images: pad each row to whole 32-bit words
+        flat = flat.view(np.uint8)
+        flat = np.pad(flat, ((0, 0), (0, -flat.shape[1] % 4))).view(np.uint32)
+    words = np.concatenate([flat.view(np.uint32), y.reshape(n, 1).view(np.uint32)], axis=1)
     mult = np.random.default_rng(0).integers(1, 2**63, words.shape[1], dtype=np.uint64) | np.uint64(1)
     h = np.zeros(n, np.uint64)
     for j in range(words.shape[1]):  # column by column: no n x width uint64 temporary

@@ -15,18 +15,24 @@ names the file and both sizes, since silently resizing would change the data.
 Channels: grayscale ("L", 1 channel) when every image is grayscale (modes 1, L, LA, I, I;16, F),
 else RGB (3 channels); alpha is dropped. `mode="L"` or `"RGB"` forces one.
 
-Pixels become float32 in [0, 1] laid out (C, H, W). The source is a normal TableSource with one
-float32 column per pixel value (`x0 .. x{C*H*W-1}`) plus a string `label` column and `feature_shape`
-[C, H, W], exactly as a NumPy image array is handled, so `read_table`, `store.pack` and a packed store
-all give the same arrays. Headers are read in a first pass (cheap: Pillow opens lazily) to fix the
-mode and size and fail early; pixels are decoded in a second, batched pass, so packing a folder
-larger than memory works.
+Pixels stay uint8 (0-255) laid out (C, H, W): the source is a TableSource with one Arrow
+`fixed_shape_tensor<uint8>[C, H, W]` column `image` plus a string `label` column, so a packed store
+holds N*C*H*W bytes before compression (a float32 column per pixel, as before, took 4x that), and
+`read_table`, `store.pack` and a packed store all give the same uint8 arrays. Conversion to float and
+normalization happen on the device, per batch (data/augment.py). Raw tensors rather than PNG/JPEG
+bytes: decoding is then a memcpy, not per-image codec work in every epoch, and zstd still compresses
+the shards (see the closing figures in README). Images whose mode differs from the chosen one are
+converted and counted (`images_converted`).
+
+Headers are read in a first pass (cheap: Pillow opens lazily) to fix the mode and size and fail
+early; pixels are decoded in a second, batched pass, so packing a folder larger than memory works.
 """
 
 from __future__ import annotations
 
 import posixpath
 import re
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,11 +44,12 @@ from hpcml.errors import UsageError
 __all__ = ["IMAGE_EXTENSIONS", "MODES", "is_image_folder", "open_images"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE = "image"
 MODES = ("auto", "L", "RGB")
 LABEL = "label"
 _GRAY = {"1", "L", "LA", "I", "I;16", "F"}
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")  # e.g. <...LocalFileOpener object at 0x7f..>
-_BATCH_BYTES = 32 << 20  # cap on one decoded batch: 65,536 rows of 224x224 RGB would be 39 GB
+_BATCH_BYTES = 32 << 20  # cap on one decoded batch: 65,536 rows of 224x224 RGB would be 9.9 GB
 
 
 def is_image_folder(fs: Any, path: str) -> bool:
@@ -73,10 +80,10 @@ def open_images(
         raise UsageError(f"image mode {mode!r}; valid: {', '.join(MODES)}")
     size = _parse_size(image_size)
     Image = _pillow()
-    first_size, modes, resized = None, set(), 0
+    first_size, modes, resized = None, Counter(), 0
     for f, _ in files:  # pass 1: headers only, so a bad or mismatched file fails before any decoding
         with _open(fs, f, _rel(f, path, name), Image) as img:
-            modes.add(img.mode)
+            modes[img.mode] += 1
             got = (img.height, img.width)
         resized += size is not None and got != size
         if size is None:
@@ -89,24 +96,26 @@ def open_images(
                     "pass image_size (--image-size) to resize every image to one size"
                 )
     out_size = size or first_size[0]
-    out_mode = mode if mode != "auto" else ("L" if modes <= _GRAY else "RGB")
+    out_mode = mode if mode != "auto" else ("L" if set(modes) <= _GRAY else "RGB")
     shape = [1 if out_mode == "L" else 3, *out_size]
     n_values = int(np.prod(shape))
-    cols = [f"x{i}" for i in range(n_values)]
-    schema = pa.schema([*(pa.field(c, pa.float32()) for c in cols), pa.field(LABEL, pa.string())])
-    rows = max(1, min(batch_rows, _BATCH_BYTES // (4 * n_values)))
+    tensor = pa.fixed_shape_tensor(pa.uint8(), shape)
+    schema = pa.schema([pa.field(IMAGE, tensor), pa.field(LABEL, pa.string())])
+    rows = max(1, min(batch_rows, _BATCH_BYTES // n_values))
 
     def batches() -> Iterator[pa.RecordBatch]:
         for s in range(0, len(files), rows):
             chunk = files[s : s + rows]
-            x = np.empty((len(chunk), n_values), np.float32)
+            x = np.empty((len(chunk), *shape), np.uint8)
             for i, (f, _) in enumerate(chunk):
                 shown = _rel(f, path, name)
                 with _open(fs, f, shown, Image) as img:
-                    x[i] = _pixels(img, shown, out_mode, size, Image).reshape(-1)
-            arrays = [pa.array(x[:, j]) for j in range(n_values)]  # column views -> float32 columns
-            arrays.append(pa.array([label for _, label in chunk], pa.string()))
-            yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+                    x[i] = _pixels(img, shown, out_mode, size, Image)
+            images = pa.ExtensionArray.from_storage(
+                tensor, pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), n_values)
+            )
+            labels = pa.array([lb for _, lb in chunk], pa.string())
+            yield pa.RecordBatch.from_arrays([images, labels], schema=schema)
 
     extra = {
         "images": len(files),
@@ -114,8 +123,9 @@ def open_images(
         "image_mode": out_mode,
         "image_size": list(out_size),
         "images_resized": resized,
+        "images_converted": sum(n for m, n in modes.items() if not _same_mode(m, out_mode)),
     }
-    src = TableSource(name, "image", schema, batches(), LABEL, cols, shape)
+    src = TableSource(name, "image", schema, batches(), LABEL, [IMAGE], shape)
     return src, extra
 
 
@@ -192,8 +202,13 @@ class _open:
         self.fh.close()
 
 
+def _same_mode(mode: str, out: str) -> bool:
+    """True when an image of `mode` needs no conversion to `out` beyond dropping alpha."""
+    return mode in (("L", "LA") if out == "L" else ("RGB", "RGBA"))
+
+
 def _pixels(img: Any, shown: str, mode: str, size, Image) -> np.ndarray:
-    """(C, H, W) float32 in [0, 1]. Decoding happens here (Pillow is lazy), so errors are named here."""
+    """(C, H, W) uint8. Decoding happens here (Pillow is lazy), so errors are named here."""
     try:
         if img.mode in ("I", "I;16", "F") and mode == "L":
             # 16/32-bit grayscale: scale to 8 bits by the type's range instead of clipping at 255
@@ -205,8 +220,7 @@ def _pixels(img: Any, shown: str, mode: str, size, Image) -> np.ndarray:
         a = np.asarray(img, np.uint8)
     except Exception as err:  # truncated or corrupt data is only found when the pixels are decoded
         raise _bad(shown, err) from None
-    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-    return a.astype(np.float32) / np.float32(255.0)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
 def _bad(shown: str, err: Exception) -> UsageError:

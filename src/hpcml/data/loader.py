@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from hpcml.data.augment import ImageTransform
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class DeviceBatches:
         rank: int = 0,
         world_size: int = 1,
         accum: int = 1,
+        transform: ImageTransform | None = None,
     ):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
@@ -51,6 +56,7 @@ class DeviceBatches:
         self.global_batch = self.batch_size * world_size * accum
         self.shuffle = shuffle
         self.seed = seed
+        self.transform = transform  # uint8 images: made float (and augmented) per micro-batch
 
     def __len__(self) -> int:
         """Optimizer steps per epoch."""
@@ -94,9 +100,10 @@ class DeviceBatches:
             micro = []
             for ids, w in step:
                 n = len(ids)
-                micro.append(
-                    Micro(x[pos : pos + n], y[pos : pos + n], w, n if w > 0 else 0, ids if w > 0 else ids[:0])
-                )
+                xb = x[pos : pos + n]
+                if self.transform is not None:
+                    xb = self.transform.train(xb, idx[pos : pos + n], epoch)
+                micro.append(Micro(xb, y[pos : pos + n], w, n if w > 0 else 0, ids if w > 0 else ids[:0]))
                 pos += n
             yield micro
 
@@ -111,10 +118,18 @@ class FullBatches:
     """
 
     def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, *, rank: int = 0, world_size: int = 1, chunk: int = 16384
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        chunk: int = 16384,
+        transform: ImageTransform | None = None,
     ):
         shard = torch.tensor_split(torch.arange(len(x)), world_size)[rank].to(x.device)
-        self.x, self.y = x.index_select(0, shard), y.index_select(0, shard)
+        self.x, self.y, self.rows = x.index_select(0, shard), y.index_select(0, shard), shard
+        self.transform = transform
         self.total, self.world_size, self.chunk = len(x), world_size, chunk
         self.batch_size = len(self.x)
         self.global_batch = len(x)
@@ -126,8 +141,14 @@ class FullBatches:
         if start >= 1:
             return
         w = self.world_size / self.total
+        t = self.transform
+
+        def x(i: int) -> torch.Tensor:
+            xb = self.x[i : i + self.chunk]
+            return xb if t is None else t.train(xb, self.rows[i : i + self.chunk], epoch)
+
         yield [
-            Micro(self.x[i : i + self.chunk], self.y[i : i + self.chunk], n * w, n)
+            Micro(x(i), self.y[i : i + self.chunk], n * w, n)
             for i in range(0, len(self.x), self.chunk)
             for n in [min(self.chunk, len(self.x) - i)]
         ]
@@ -141,8 +162,18 @@ class EvalSplit:
         self._chunks, self.rows = chunks, rows
 
     @classmethod
-    def in_memory(cls, x: torch.Tensor, y: torch.Tensor) -> EvalSplit:
-        return cls(lambda: [(x, y)], len(x))
+    def in_memory(
+        cls, x: torch.Tensor, y: torch.Tensor, *, transform: ImageTransform | None = None, rows: int = 8192
+    ) -> EvalSplit:
+        """The split held on the device; uint8 images (`transform`) become float `rows` at a time."""
+        if transform is None:
+            return cls(lambda: [(x, y)], len(x))
+
+        def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for i in range(0, len(x), rows):
+                yield transform.eval(x[i : i + rows]), y[i : i + rows]
+
+        return cls(chunks, len(x))
 
     def chunks(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         return self._chunks()

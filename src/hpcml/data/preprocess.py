@@ -19,6 +19,8 @@ class Normalizer:
     def fit(cls, x: np.ndarray, *, method: str, per_feature: bool) -> Normalizer:
         shape = x.shape[1:] if per_feature else (1,) * (x.ndim - 1)
         axes = 0 if per_feature else None
+        if x.dtype == np.uint8 and not per_feature and method in ("standard", "minmax"):
+            return cls.from_byte_counts(np.bincount(x.reshape(-1), minlength=256), method, shape)
         if method == "standard":
             shift, scale = x.mean(axis=axes), x.std(axis=axes)
         elif method == "minmax":
@@ -30,6 +32,21 @@ class Normalizer:
         return cls(
             method, np.reshape(shift, shape).astype(np.float32), np.reshape(scale, shape).astype(np.float32)
         )
+
+    @classmethod
+    def from_byte_counts(cls, counts: np.ndarray, method: str, shape: tuple[int, ...]) -> Normalizer:
+        """One scalar for uint8 pixels, exactly and without a float copy of the images: from the
+        count of each of the 256 byte values."""
+        counts = np.asarray(counts, np.float64)
+        values = np.arange(256, dtype=np.float64)
+        if method == "standard":
+            mean = (counts * values).sum() / counts.sum()
+            shift, scale = mean, np.sqrt((counts * (values - mean) ** 2).sum() / counts.sum())
+        else:  # minmax
+            present = np.flatnonzero(counts)
+            shift, scale = float(present[0]), float(present[-1] - present[0])
+        scale = scale if scale > 1e-12 else 1.0
+        return cls(method, np.full(shape, shift, np.float32), np.full(shape, scale, np.float32))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.method == "none":

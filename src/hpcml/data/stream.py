@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from hpcml.data import store as _store
+from hpcml.data.augment import ImageTransform
 from hpcml.data.clean import MISSING, table_to_arrays
 from hpcml.data.loader import Micro
 from hpcml.data.preprocess import Normalizer
@@ -103,15 +104,18 @@ def _manifest(store_or_manifest: str | Path | dict) -> dict:
 
 
 def dataset_bytes(store_or_manifest: str | Path | dict, *, features: list[str] | None = None) -> int:
-    """Bytes of the whole store as in-memory arrays: rows * (features * 4 + 8)."""
+    """Bytes of the whole store as in-memory arrays: rows * (features * 4 + 8), or for a uint8
+    image column rows * (C*H*W + 8)."""
     m = _manifest(store_or_manifest)
+    width = 4
     if features is not None:
         n = len(features)
     elif m.get("feature_shape"):
         n = math.prod(m["feature_shape"])
+        width = 1 if any("value_type=uint8" in c["type"] for c in m["schema"]) else 4
     else:
         n = sum(1 for c in m["schema"] if c["name"] != m["target"])
-    return int(m["total_rows"]) * (n * 4 + 8)
+    return int(m["total_rows"]) * (n * width + 8)
 
 
 def fits_in_memory(
@@ -252,6 +256,7 @@ class StreamBatches:
         missing: str = "drop",
         device: str | torch.device = "cpu",
         verify: bool = True,
+        device_transform: ImageTransform | None = None,
     ):
         m = _store.read_manifest(store)
         n = len(m["shards"])
@@ -271,6 +276,7 @@ class StreamBatches:
         self.rank, self.world_size, self.accum, self.seed = rank, world_size, accum, seed
         self.shuffle, self.shuffle_buffer = shuffle, max(0, shuffle_buffer)
         self.prefetch, self.workers, self.device = prefetch, workers, torch.device(device)
+        self.device_transform = device_transform  # uint8 images: float + augmented per micro-batch
         self._read = _ShardReader(
             store, m, target=target, features=features, missing=missing, transform=transform, verify=verify
         )
@@ -357,7 +363,7 @@ class StreamBatches:
                 x, y, ids = rows.take(self.rows_per_step)
                 last = (x[-1:], y[-1:], ids[-1:])
                 if step >= start:  # before `start` the rows are replayed, not built into tensors
-                    yield self._micro(x, y, ids, 1.0)
+                    yield self._micro(x, y, ids, 1.0, epoch)
                 step += 1
         finally:
             chunks.close()  # stops the prefetch threads when the consumer stops early
@@ -366,21 +372,23 @@ class StreamBatches:
             if last is None:
                 raise HpcmlError(f"{self.store}: rank {self.rank} got no rows after cleaning")
             if s >= start:
-                yield [self._micro(*last, 0.0)[0] for _ in range(self.accum)]
+                yield [self._micro(*last, 0.0, epoch)[0] for _ in range(self.accum)]
         stats["rows_used"] = step * self.rows_per_step
         rank_rows = sum(self.manifest["shards"][i]["rows"] for i in self.shard_order(epoch))
         stats["rows_not_used"] = rank_rows - stats["rows_used"]
 
-    def _micro(self, x: np.ndarray, y: np.ndarray, ids: np.ndarray, weight: float) -> list[Micro]:
+    def _micro(self, x: np.ndarray, y: np.ndarray, ids: np.ndarray, weight: float, epoch: int) -> list[Micro]:
         xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         yt = torch.from_numpy(np.ascontiguousarray(y)).to(self.device)
         it = torch.from_numpy(np.ascontiguousarray(ids))
+        t = self.device_transform
         out = []
         for j in range(0, len(x), self.batch_size):
             sl = slice(j, j + self.batch_size)
             count = len(xt[sl]) if weight > 0 else 0
             extra = {"index": it[sl] if weight > 0 else it[:0]} if _MICRO_HAS_INDEX else {}
-            out.append(Micro(xt[sl], yt[sl], weight, count, **extra))
+            xb = xt[sl] if t is None else t.train(xt[sl], it[sl], epoch)  # row ids seed the augmentation
+            out.append(Micro(xb, yt[sl], weight, count, **extra))
         return out
 
 
@@ -405,11 +413,14 @@ def fit_normalizer_stream(
         store, m, target=target, features=features, missing=missing, transform=None, verify=True
     )
     shards = list(range(len(m["shards"]))) if shards is None else list(shards)
-    n, shape, mean, m2, lo, hi = 0, None, 0.0, 0.0, None, None
+    n, shape, mean, m2, lo, hi, counts = 0, None, 0.0, 0.0, None, None, None
     for x, _, _, _ in _prefetched(read, shards, depth=prefetch):
         shape = x.shape[1:] if per_feature else (1,) * (x.ndim - 1)
         if method == "none":
             break
+        if x.dtype == np.uint8 and not per_feature:  # image bytes: exact, from a 256-bin histogram
+            counts = np.bincount(x.reshape(-1), minlength=256) + (0 if counts is None else counts)
+            continue
         a = x.reshape(len(x), -1) if per_feature else x.reshape(-1, 1)
         if method == "minmax":
             lo = a.min(0) if lo is None else np.minimum(lo, a.min(0))
@@ -424,6 +435,8 @@ def fit_normalizer_stream(
         raise UsageError(f"{store}: no shards to fit the normalizer on")
     if method == "none":
         return Normalizer("none", np.zeros(shape, np.float32), np.ones(shape, np.float32))
+    if counts is not None:
+        return Normalizer.from_byte_counts(counts, method, shape)
     shift, scale = (mean, np.sqrt(m2 / n)) if method == "standard" else (lo, hi - lo)
     scale = np.where(scale > 1e-12, scale, 1.0)  # constant features pass through, as Normalizer.fit
     return Normalizer(

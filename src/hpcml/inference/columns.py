@@ -11,11 +11,23 @@ import numpy as np
 
 from hpcml.errors import UsageError
 
-__all__ = ["choose_columns", "table_matrix"]
+__all__ = ["schema_columns", "choose_columns", "table_matrix"]
 
 
-def choose_columns(columns: list[tuple[str, bool]], model: Any, name: str) -> list[str]:
-    """The model's feature columns, by name if it recorded them, else all numeric but the target."""
+def schema_columns(schema: Any) -> list[tuple[str, int]]:
+    """(name, values per row) of each column of an Arrow schema: 1 for a number, C*H*W for an image
+    tensor column, 0 for anything else."""
+    from hpcml.data.clean import is_tensor, numeric
+
+    def width(t: Any) -> int:
+        return math.prod(t.shape) if is_tensor(t) else int(numeric(t))
+
+    return [(f.name, width(f.type)) for f in schema]
+
+
+def choose_columns(columns: list[tuple[str, int]], model: Any, name: str) -> list[str]:
+    """The model's feature columns, by name if it recorded them, else all numeric but the target
+    (`columns` as schema_columns gives them)."""
     names = [c for c, _ in columns]
     wanted = model.meta.get("features")
     if wanted:
@@ -29,7 +41,7 @@ def choose_columns(columns: list[tuple[str, bool]], model: Any, name: str) -> li
     target = model.meta.get("target")
     numeric = [c for c, ok in columns if ok and c != target]
     need = math.prod(model.input_shape)
-    if len(numeric) != need:
+    if sum(w for c, w in columns if c in numeric) != need:
         skipped = [c for c, ok in columns if not ok or c == target]
         raise UsageError(
             f"{name}: {len(numeric)} numeric feature column(s) but the model takes {need} inputs "
@@ -40,7 +52,19 @@ def choose_columns(columns: list[tuple[str, bool]], model: Any, name: str) -> li
 
 
 def table_matrix(table: Any, feats: list[str], name: str) -> np.ndarray:
+    """The rows of `feats` as float32 (n, features), or an image tensor column's own values
+    (n, C, H, W), e.g. uint8."""
     import pyarrow as pa
+
+    from hpcml.data.clean import is_tensor, tensor_values
+
+    if len(feats) == 1 and is_tensor(table.schema.field(feats[0]).type):
+        x, ok = tensor_values(table.column(feats[0]))
+        if not ok.all():
+            i = int(np.argmax(~ok))
+            n_bad = int((~ok).sum())
+            raise UsageError(f"{name}: row {i + 1}, column {feats[0]!r} is missing ({n_bad} such row(s))")
+        return x
 
     x = np.empty((table.num_rows, len(feats)), np.float32)
     for j, col in enumerate(feats):

@@ -138,11 +138,10 @@ def _matrix(rows: list, model: Any) -> np.ndarray:
     if isinstance(rows[0], dict):
         import pyarrow as pa
 
-        from hpcml.data.clean import numeric
-        from hpcml.inference.columns import choose_columns, table_matrix
+        from hpcml.inference.columns import choose_columns, schema_columns, table_matrix
 
         table = pa.Table.from_pylist(rows)
-        feats = choose_columns([(f.name, numeric(f.type)) for f in table.schema], model, "rows")
+        feats = choose_columns(schema_columns(table.schema), model, "rows")
         return table_matrix(table, feats, "rows")
     need = int(np.prod(model.input_shape))
     for i, row in enumerate(rows):

@@ -24,6 +24,7 @@ from hpcml._files import atomic_file
 from hpcml._system import available_cores
 from hpcml.errors import UsageError
 from hpcml.inference.columns import choose_columns as _choose
+from hpcml.inference.columns import schema_columns
 from hpcml.inference.columns import table_matrix as _matrix
 from hpcml.jobs.tasks import Runner, Task, attached
 
@@ -195,7 +196,6 @@ def _from_table(path: str, name: str, fmt: str, fs: Any, fpath: str, model: Any)
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from hpcml.data.clean import numeric
     from hpcml.data.files import DECOMPRESS_ERRORS, corrupt_file, open_table, source_format
 
     # Only the header (CSV: types inferred from the first block) to pick the columns; open_table then
@@ -210,7 +210,7 @@ def _from_table(path: str, name: str, fmt: str, fs: Any, fpath: str, model: Any)
             if compression is not None:
                 raise corrupt_file(name, err, compression) from None
             raise UsageError(f"{name}: not a readable {fmt} file ({str(err).splitlines()[0]})") from None
-    feats = _choose([(fld.name, numeric(fld.type)) for fld in schema], model, name)
+    feats = _choose(schema_columns(schema), model, name)
     with open_table(path, target=None, features=feats) as src:
         table = pa.Table.from_batches(list(src.batches), schema=src.schema)
     return _matrix(table, feats, name)
@@ -219,12 +219,11 @@ def _from_table(path: str, name: str, fmt: str, fs: Any, fpath: str, model: Any)
 def _from_store(path: str, model: Any) -> tuple[np.ndarray, str]:
     import pyarrow as pa
 
-    from hpcml.data.clean import numeric
     from hpcml.data.store import iter_shards
 
     tables = [t for _, t in iter_shards(path)]  # each shard checked against the manifest's sha256
     table = pa.concat_tables(tables)
-    feats = _choose([(f.name, numeric(f.type)) for f in table.schema], model, path)
+    feats = _choose(schema_columns(table.schema), model, path)
     return _matrix(table.select(feats), feats, path), path
 
 

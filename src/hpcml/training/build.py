@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from hpcml.config import TrainConfig
+from hpcml.data.augment import Augment, ImageTransform
 from hpcml.data.loader import DeviceBatches, EvalSplit, FullBatches
 from hpcml.data.preprocess import Normalizer
 from hpcml.data.sources import Dataset
@@ -99,17 +100,24 @@ def build(
         raise UsageError("target_accuracy applies to classification; this data is a regression task")
     # regression trains on standardized targets (fitted on train); metrics are in the target's units
     y_scale = (float(data.y_train.mean()), float(data.y_train.std()) or 1.0) if regression else None
+    if cfg.augment and data.kind != "image":
+        raise UsageError(
+            f"augment ({', '.join(cfg.augment)}) applies to images (C x H x W rows); {data.name} holds "
+            f"{data.kind} data of shape {list(data.input_shape)}"
+        )
     if data.stream is not None:  # a store larger than the memory budget: shards stream from disk
-        normalizer, batches, test = _streamed(cfg, data, info, dev)
+        normalizer, batches, test = _streamed(cfg, data, info, hw)
         val, n_train = None, len(batches) * batches.global_batch
     else:
-        normalizer, batches, test, val = _in_memory(cfg, data, info, dev, y_scale)
+        normalizer, batches, test, val = _in_memory(cfg, data, info, hw, y_scale)
         n_train = len(data.x_train)
     if cfg.patience is not None and val is None:
         raise UsageError("patience (early stopping) watches the validation metric: set a val_fraction")
 
     seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
     module = make_module(cfg, data, model).to(dev)
+    if hw.channels_last:
+        module = module.to(memory_format=torch.channels_last)
     step_model: nn.Module = pdist.wrap_ddp(module, dev) if info.world_size > 1 else module
     if hw.compile:
         step_model = torch.compile(step_model)
@@ -181,8 +189,20 @@ def step_flops(
     return float(per_row * rows)
 
 
-def _in_memory(cfg: TrainConfig, data: Dataset, info: DistInfo, dev: torch.device, y_scale):
+def image_transform(cfg: TrainConfig, normalizer: Normalizer, hw: Hardware) -> ImageTransform:
+    """Images are held raw (uint8 from image folders and stores) and made float, normalized and
+    augmented on the device per batch (data/augment.py)."""
+    augment = Augment.from_config(cfg.augment, cfg.crop_padding)
+    return ImageTransform(
+        normalizer, augment, seed=cfg.seed, device=hw.device, channels_last=hw.channels_last
+    )
+
+
+def _in_memory(cfg: TrainConfig, data: Dataset, info: DistInfo, hw: Hardware, y_scale):
+    dev = hw.device
     normalizer = Normalizer.fit(data.x_train, method=cfg.data.normalize, per_feature=data.kind == "tabular")
+    transform = image_transform(cfg, normalizer, hw) if data.kind == "image" else None
+    on_host = normalizer if transform is None else np.asarray  # images: raw on the device
 
     def targets(y: np.ndarray) -> torch.Tensor:
         y = ((y - y_scale[0]) / y_scale[1]).astype(np.float32) if y_scale else y
@@ -191,42 +211,49 @@ def _in_memory(cfg: TrainConfig, data: Dataset, info: DistInfo, dev: torch.devic
     def shard(x: np.ndarray, y: np.ndarray) -> EvalSplit:
         # each rank evaluates a contiguous shard; the sums are all-reduced
         part = np.array_split(np.arange(len(x)), info.world_size)[info.rank]
-        return EvalSplit.in_memory(torch.from_numpy(normalizer(x[part])).to(dev), targets(y[part]))
+        x_dev = torch.from_numpy(on_host(x[part])).to(dev)
+        return EvalSplit.in_memory(x_dev, targets(y[part]), transform=transform, rows=cfg.eval_batch_size)
 
-    x_train = torch.from_numpy(normalizer(data.x_train)).to(dev)
+    x_train = torch.from_numpy(on_host(data.x_train)).to(dev)
     y_train = targets(data.y_train)
     if cfg.optim.name == "gd":
-        batches: Any = FullBatches(x_train, y_train, rank=info.rank, world_size=info.world_size)
+        batches: Any = FullBatches(
+            x_train, y_train, rank=info.rank, world_size=info.world_size, transform=transform
+        )
     else:
         batches = DeviceBatches(
             x_train, y_train, batch_size=cfg.batch_size, seed=cfg.seed, rank=info.rank,
-            world_size=info.world_size, accum=cfg.grad_accum,
+            world_size=info.world_size, accum=cfg.grad_accum, transform=transform,
         )  # fmt: skip
     test = shard(data.x_test, data.y_test)
     val = shard(data.x_val, data.y_val) if data.x_val is not None else None
     return normalizer, batches, test, val
 
 
-def _streamed(cfg: TrainConfig, data: Dataset, info: DistInfo, dev: torch.device):
+def _streamed(cfg: TrainConfig, data: Dataset, info: DistInfo, hw: Hardware):
     """(normalizer, StreamBatches, test split) for a store streamed from disk."""
     from hpcml.data.stream import StreamBatches, fit_normalizer_stream, iter_eval_chunks
 
-    st = data.stream
+    st, dev = data.stream, hw.device
     if cfg.optim.name == "gd":
         raise UsageError("the gd optimizer needs the whole training set in memory; raise --memory-budget")
     common = {"target": st.target, "features": st.features, "missing": cfg.data.missing}
     normalizer = fit_normalizer_stream(
         st.store, method=cfg.data.normalize, shards=st.train, per_feature=data.kind == "tabular", **common
     )
+    images = image_transform(cfg, normalizer, hw) if data.kind == "image" else None
+    on_host = normalizer if images is None else None  # images: raw to the device, made float there
     batches = StreamBatches(
         st.store, shards=st.train, batch_size=cfg.batch_size, seed=cfg.seed, rank=info.rank,
-        world_size=info.world_size, accum=cfg.grad_accum, transform=normalizer, device=dev, **common,
+        world_size=info.world_size, accum=cfg.grad_accum, transform=on_host, device=dev,
+        device_transform=images, **common,
     )  # fmt: skip
     mine = st.test[info.rank :: info.world_size]  # each rank scores its share; the sums are all-reduced
 
     def chunks():
-        return iter_eval_chunks(
-            st.store, shards=mine, rows=cfg.eval_batch_size, transform=normalizer, device=dev, **common
+        it = iter_eval_chunks(
+            st.store, shards=mine, rows=cfg.eval_batch_size, transform=on_host, device=dev, **common
         )
+        return it if images is None else ((images.eval(x), y) for x, y in it)
 
     return normalizer, batches, EvalSplit(chunks, st.test_rows)

@@ -20,6 +20,8 @@ class Hardware:
     compile_reason: str
     threads: int
     threads_reason: str = "requested"
+    channels_last: bool = False
+    channels_last_reason: str = "not image data"
 
 
 from hpcml._system import available_cores, cpu_flags  # noqa: E402,F401  (re-exported)
@@ -124,6 +126,21 @@ def resolve_compile(requested: str, device: torch.device, *, steps: int) -> tupl
     return False, "CPU: compile time exceeds the gain for these model sizes"
 
 
+def resolve_channels_last(requested: str, device: torch.device, *, images: bool) -> tuple[bool, str]:
+    """auto = channels_last (NHWC) for image data on CUDA, where cuDNN's convolutions run NHWC kernels.
+    On CPU it is off: see CHANNELS_LAST_CPU for what it measured on this project's image models."""
+    if not images:
+        return False, "not image data"
+    if requested in ("on", "off"):
+        return requested == "on", "requested"
+    if device.type == "cuda":
+        return True, "CUDA: NHWC convolution kernels"
+    return False, CHANNELS_LAST_CPU
+
+
+CHANNELS_LAST_CPU = "CPU: measured no gain for these models (hpcml bench --cases images)"
+
+
 def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -141,8 +158,11 @@ def detect(
     step_flops: float | None = None,
     local_rank: int = 0,
     local_world_size: int = 1,
+    channels_last: str = "auto",
+    images: bool = False,
 ) -> Hardware:
     dev = resolve_device(device, local_rank=local_rank)
+    nhwc, nhwc_why = resolve_channels_last(channels_last, dev, images=images)
     prec, prec_why = resolve_precision(precision, dev, step_flops=step_flops)
     comp, comp_why = resolve_compile(compile, dev, steps=steps)
     if threads is not None:
@@ -152,7 +172,7 @@ def detect(
         threads_why = f"{available_cores()} cores / {local_world_size} process(es) on this node"
     else:
         n_threads, threads_why = choose_threads(available_cores(), free_cores(), local_world_size)
-    return Hardware(dev, prec, prec_why, comp, comp_why, n_threads, threads_why)
+    return Hardware(dev, prec, prec_why, comp, comp_why, n_threads, threads_why, nhwc, nhwc_why)
 
 
 def _cpu_times(text: str, cpus: set[int]) -> tuple[float, float]:

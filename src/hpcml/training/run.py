@@ -82,6 +82,7 @@ def run_process(
             steps=steps_per_epoch * cfg.epochs,  # the compile decision depends on the run's length
             step_flops=step_flops(cfg, data, model, world_size=info.world_size),  # bf16 pays on big steps
             local_rank=info.local_rank, local_world_size=info.local_world_size,
+            channels_last=cfg.channels_last, images=data.kind == "image",
         )  # fmt: skip
         threads_before = torch.get_num_threads()
         torch.set_num_threads(hw.threads)  # restored when the run ends: no process-wide state left behind
