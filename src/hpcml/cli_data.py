@@ -186,6 +186,29 @@ def info(
     ])  # fmt: skip
 
 
+@data_app.command(
+    help="Write the generated `shapes` image set (6 classes of shapes and textures, RGB PNG) as an "
+    "image folder: one subfolder per class, like a user's photos. Nothing is downloaded.\n\n"
+    "Example:\n\n  hpcml data shapes photos --rows 1200 --size 64\n\n"
+    "  hpcml data pack photos --out stores/photos",
+)
+def shapes(
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to create (must not exist).")],
+    rows: Annotated[int, typer.Option(min=6, help="Images in all (classes in turn).")] = 1200,
+    size: Annotated[int, typer.Option(min=8, help="Image side in pixels.")] = 64,
+    seed: Annotated[int, typer.Option(help="Same seed, same images.")] = 0,
+) -> None:
+    from hpcml._files import atomic_dir
+    from hpcml.data.shapes import write_folder
+    from hpcml.errors import UsageError
+
+    if out.exists():
+        raise UsageError(f"{out}: already exists; choose a new folder")
+    with atomic_dir(out) as tmp:
+        write_folder(tmp, rows, size, seed=seed)
+    typer.echo(f"wrote {rows} images of {size}x{size} in 6 class folders to {out}")
+
+
 def _image_size(text: str) -> int | tuple[int, int]:
     """'32' -> 32, '32x48' -> (32, 48) (height x width)."""
     from hpcml.errors import UsageError

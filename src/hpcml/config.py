@@ -46,7 +46,7 @@ class DataConfig(_Strict):
     )
     normalize: Literal["standard", "minmax", "none"] = "standard"
     # synthetic only
-    rows: int = Field(10_000, gt=0, description="synthetic: number of rows")
+    rows: int = Field(10_000, gt=0, description="synthetic and shapes: number of rows")
     features: int = Field(32, gt=0, description="synthetic: number of features")
     classes: int = Field(4, ge=2, description="synthetic: number of classes")
     data_seed: int = Field(0, description="synthetic: generation seed")
@@ -64,7 +64,9 @@ class DataConfig(_Strict):
     drop_constant: bool = Field(False, description="drop constant feature columns (always reported)")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="share of all rows held out for validation")
     test_data: str | None = Field(None, description="a separate test file/store instead of test_fraction")
-    image_size: int | None = Field(None, gt=0, description="image folders: resize every image to N x N")
+    image_size: int | None = Field(
+        None, gt=0, description="image folders: resize every image to N x N; shapes: its size (32)"
+    )
     memory_budget: str | None = Field(
         None, description="stores larger than this stream from disk (e.g. 64MB, 2GiB); default 25% of RAM"
     )

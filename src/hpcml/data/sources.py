@@ -15,7 +15,7 @@ from hpcml._files import atomic_file
 from hpcml.config import DataConfig
 from hpcml.errors import UsageError
 
-BUILTINS = ("mnist1d", "digits", "synthetic")
+BUILTINS = ("mnist1d", "digits", "synthetic", "shapes")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ def _load_source(cfg: DataConfig) -> Dataset:
         return _digits(cfg.layout)
     if cfg.name == "synthetic":
         return _synthetic(cfg)
+    if cfg.name == "shapes":
+        return _shapes(cfg)
     if "://" in cfg.name or os.sep in cfg.name or "." in cfg.name or Path(cfg.name).exists():
         from hpcml.data.user import load_user_dataset
 
@@ -213,4 +215,29 @@ def _synthetic(cfg: DataConfig) -> Dataset:
             "classes": cfg.classes,
             "data_seed": cfg.data_seed,
         },
+    )
+
+
+def _shapes(cfg: DataConfig) -> Dataset:
+    """Generated RGB images of 6 shapes and textures (data/shapes.py): `rows` images of
+    `image_size` (default 32) pixels square, uint8 like an image folder's."""
+    from hpcml.data.shapes import CLASSES, generate
+
+    size = cfg.image_size or 32
+    try:
+        x, y = generate(cfg.rows, size, seed=cfg.data_seed)
+    except ValueError as err:
+        raise UsageError(f"shapes: {err}") from None
+    n_test = max(1, int(round(cfg.rows * cfg.test_fraction)))
+    if cfg.rows - n_test < 1:
+        raise UsageError(f"data.rows={cfg.rows} leaves no training rows")
+    return Dataset(
+        name="shapes",
+        kind="image",
+        x_train=x[n_test:],
+        y_train=y[n_test:],
+        x_test=x[:n_test],
+        y_test=y[:n_test],
+        classes=list(CLASSES),
+        source={"builtin": "shapes", "rows": cfg.rows, "image_size": size, "data_seed": cfg.data_seed},
     )
