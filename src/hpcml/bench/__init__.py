@@ -6,7 +6,7 @@
     doctor("runs/X/config.yaml")["hints"]
 
 Cases (each reports hpcml and its baselines in the same run, as ratios): time-to-accuracy,
-throughput, mfu, scaling, predict, breakdown, precision, busy, compress, serve (HTTP). Method: untimed
+throughput, mfu, scaling, predict, breakdown, precision, busy, compress, serve (HTTP), images. Method: untimed
 warm-up, synchronized timestamps, contenders interleaved over repeats, median with min/max, environment
 recorded.
 """
@@ -38,6 +38,7 @@ CASES = (
     "busy",
     "compress",
     "serve",
+    "images",
 )
 SUITE_NAMES = ("quick", "full")
 
@@ -137,6 +138,7 @@ def bench(
         "busy": busy_case,
         "compress": compress_case,
         "serve": _serve_case,
+        "images": _images_case,
     }
     env = environment(threads, device)
     t0 = time.perf_counter()
@@ -186,6 +188,12 @@ def _serve_case(ctx: Any) -> dict[str, Any]:
     from hpcml.bench.cases_serve import serve_case
 
     return serve_case(ctx)
+
+
+def _images_case(ctx: Any) -> dict[str, Any]:
+    from hpcml.bench.cases_images import images_case
+
+    return images_case(ctx)
 
 
 def _limits_from_breakdown(results: dict[str, Any]) -> None:
