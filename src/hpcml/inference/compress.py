@@ -159,7 +159,8 @@ def compress(
         "kind": "compress", "source": str(model_dir), "out": str(out), **report,
         "params": {"before": measure.stored_values(model.module), "after": measure.stored_values(module)},
         "metric": {"before": before, "after": _metric(new, data_cfg)},
-        "latency_ms": measure.latencies(contenders, model.input_shape, threads=threads),
+        "latency_ms": measure.latencies(contenders, model.input_shape, threads=threads,
+                                        batches=measure.batches_for(model.module, model.input_shape)),
     }  # fmt: skip
     report["file_bytes"] = {"before": measure.dir_bytes(model_dir), "after": measure.weights_bytes(module)}
     save_model(out, module, meta, key=key, extra={REPORT: json.dumps(report, indent=2)})
@@ -222,7 +223,8 @@ def export(
         "params": {"before": values, "after": values},  # the same numbers, in another file format
         "file_bytes": {"before": measure.dir_bytes(model_dir), "after": len(blob)},
         "metric": {"before": _metric(model, data_cfg), "after": _metric(onnx_model, data_cfg)},
-        "latency_ms": measure.latencies(contenders, model.input_shape, threads=threads),
+        "latency_ms": measure.latencies(contenders, model.input_shape, threads=threads,
+                                        batches=measure.batches_for(model.module, model.input_shape)),
     }  # fmt: skip
     with atomic_file(path) as tmp:
         Path(tmp).write_bytes(blob)
