@@ -138,6 +138,10 @@ def compress(
     model, key = _source(model_dir, out, trust_code)
     if model.meta.get("quantization"):
         raise UsageError(f"{model_dir}: already int8; compress the float model dir instead")
+    if prune is not None:
+        from hpcml.inference.prune import check_prunable
+
+        check_prunable(model.meta["architecture"])
     data_cfg = _data(model, data)
     before = _metric(model, data_cfg)
     module, meta, report = model.module, {k: v for k, v in model.meta.items() if k != "weights_sha256"}, {}
