@@ -15,6 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from hpcml.errors import UsageError
 from hpcml.models import create_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VISION = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet34")
 
 # Published at 3x224x224, 1000 classes: parameters and GMACs ("GFLOPS") of torchvision's weight
@@ -27,15 +29,6 @@ PUBLISHED = {
     "resnet18": (11_689_512, 1.814),
     "resnet34": (21_797_672, 3.664),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # many small convolutions: on a busy machine a second OpenMP thread mostly waits for its sibling
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _on_meta(name: str, shape=(3, 224, 224), outputs=1000, **kw):
