@@ -178,7 +178,11 @@ def test_spec_builds_function_class_and_nested_attribute(on_path):
             "brokennet:build",
             r"model brokennet:build: importing brokennet failed: ModuleNotFoundError: .*not_a_real_dep",
         ),
-        ("mynets", r"unknown model 'mynets'; valid: mlp, cnn1d, convnet1d, cnn2d, or module:function"),
+        (
+            "mynets",
+            r"unknown model 'mynets'; valid: mlp, cnn1d, convnet1d, cnn2d, mobilenet_v2, mobilenet_v3_small, "
+            r"resnet18, resnet34, or module:function",
+        ),
         ("mynets:build:x", r"bad model spec 'mynets:build:x'"),
         ("my-nets:build", r"bad model spec 'my-nets:build'"),
     ],
