@@ -46,6 +46,18 @@ def _cache_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """torch at 1 thread for the test: for many small convolutions on a busy machine a second OpenMP
+    thread mostly waits for its descheduled sibling (several times slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def small_cfg() -> dict:
     """A tiny, fast classification run (synthetic tabular data, MLP)."""
     return {

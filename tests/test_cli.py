@@ -29,7 +29,8 @@ SMALL = [
         (["--data", "nope"], "unknown dataset 'nope': not a built-in (mnist1d, digits, synthetic)"),
         (
             ["--model", "resnet"],
-            "model.name: unknown model 'resnet'; valid: auto, mlp, cnn1d, convnet1d, cnn2d",
+            "model.name: unknown model 'resnet'; valid: auto, mlp, cnn1d, convnet1d, cnn2d, mobilenet_v2, "
+            "mobilenet_v3_small, resnet18, resnet34, or",
         ),
         (
             ["--optimizer", "lbfgs"],

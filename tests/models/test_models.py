@@ -30,7 +30,9 @@ def test_forward_backward(name, shape):
 
 
 def test_registry_and_defaults():
-    assert list_models() == ["mlp", "cnn1d", "convnet1d", "cnn2d"]
+    assert list_models() == [
+        "mlp", "cnn1d", "convnet1d", "cnn2d", "mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet34"
+    ]  # fmt: skip
     assert default_model_for("sequence") == "convnet1d"
     assert default_model_for("image") == "cnn2d"
     assert default_model_for("tabular") == "mlp"
@@ -43,7 +45,8 @@ def test_registry_and_defaults():
 
 
 def test_bad_model_inputs():
-    with pytest.raises(UsageError, match="unknown model 'resnet'; valid: mlp, cnn1d, convnet1d, cnn2d"):
+    valid = "mlp, cnn1d, convnet1d, cnn2d, mobilenet_v2, mobilenet_v3_small, resnet18, resnet34, or"
+    with pytest.raises(UsageError, match=f"unknown model 'resnet'; valid: {valid}"):
         create_model("resnet", input_shape=(4,), num_outputs=2)
     with pytest.raises(UsageError, match="cnn2d needs inputs of 2 or 3 dims"):
         create_model("cnn2d", input_shape=(40,), num_outputs=2)

@@ -178,7 +178,11 @@ def test_spec_builds_function_class_and_nested_attribute(on_path):
             "brokennet:build",
             r"model brokennet:build: importing brokennet failed: ModuleNotFoundError: .*not_a_real_dep",
         ),
-        ("mynets", r"unknown model 'mynets'; valid: mlp, cnn1d, convnet1d, cnn2d, or module:function"),
+        (
+            "mynets",
+            r"unknown model 'mynets'; valid: mlp, cnn1d, convnet1d, cnn2d, mobilenet_v2, mobilenet_v3_small, "
+            r"resnet18, resnet34, or module:function",
+        ),
         ("mynets:build:x", r"bad model spec 'mynets:build:x'"),
         ("my-nets:build", r"bad model spec 'my-nets:build'"),
     ],
@@ -362,7 +366,9 @@ def test_plugin_is_listed_trained_and_evaluated_without_trust(plugin_dir, tmp_pa
 
 def test_builtins_are_described_without_plugins():
     rows = {r.name: r for r in describe_models() if r.kind == "built-in"}
-    assert list(rows) == ["mlp", "cnn1d", "convnet1d", "cnn2d"]
+    assert list(rows) == [
+        "mlp", "cnn1d", "convnet1d", "cnn2d", "mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet34"
+    ]  # fmt: skip
     assert rows["cnn2d"].kwargs == {
         "channels": {"default": 32, "type": "int"},
         "widths": {"default": None, "type": "list[int] | None"},

@@ -138,6 +138,10 @@ def compress(
     model, key = _source(model_dir, out, trust_code)
     if model.meta.get("quantization"):
         raise UsageError(f"{model_dir}: already int8; compress the float model dir instead")
+    if prune is not None:
+        from hpcml.inference.prune import check_prunable
+
+        check_prunable(model.meta["architecture"])
     data_cfg = _data(model, data)
     before = _metric(model, data_cfg)
     module, meta, report = model.module, {k: v for k, v in model.meta.items() if k != "weights_sha256"}, {}
@@ -159,7 +163,8 @@ def compress(
         "kind": "compress", "source": str(model_dir), "out": str(out), **report,
         "params": {"before": measure.stored_values(model.module), "after": measure.stored_values(module)},
         "metric": {"before": before, "after": _metric(new, data_cfg)},
-        "latency_ms": measure.latencies(contenders, model.input_shape, threads=threads),
+        "latency_ms": measure.latencies(contenders, model.input_shape, threads=threads,
+                                        batches=measure.batches_for(model.module, model.input_shape)),
     }  # fmt: skip
     report["file_bytes"] = {"before": measure.dir_bytes(model_dir), "after": measure.weights_bytes(module)}
     save_model(out, module, meta, key=key, extra={REPORT: json.dumps(report, indent=2)})
@@ -222,7 +227,8 @@ def export(
         "params": {"before": values, "after": values},  # the same numbers, in another file format
         "file_bytes": {"before": measure.dir_bytes(model_dir), "after": len(blob)},
         "metric": {"before": _metric(model, data_cfg), "after": _metric(onnx_model, data_cfg)},
-        "latency_ms": measure.latencies(contenders, model.input_shape, threads=threads),
+        "latency_ms": measure.latencies(contenders, model.input_shape, threads=threads,
+                                        batches=measure.batches_for(model.module, model.input_shape)),
     }  # fmt: skip
     with atomic_file(path) as tmp:
         Path(tmp).write_bytes(blob)

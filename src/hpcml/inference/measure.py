@@ -3,11 +3,16 @@
 Latency is the forward pass of raw rows, normalization included (`Folded` for torch, the ONNX graph
 for onnxruntime), timed with an explicit thread count. Contenders are interleaved rep by rep, so a
 busy machine slows them alike, and each figure is a median (with the spread next to it).
+
+The large batch is 1024 rows, or fewer for a model whose 1024 rows cost more than MAX_BATCH_MACS
+(`batches_for`): 1024 rows of ResNet-18 at 224x224 are 1.9 TMACs, minutes per call on one thread,
+and each contender is called 10 times or more.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import time
@@ -20,6 +25,8 @@ import torch
 
 __all__ = [
     "BATCHES",
+    "MAX_BATCH_MACS",
+    "batches_for",
     "dir_bytes",
     "latencies",
     "stored_values",
@@ -29,6 +36,7 @@ __all__ = [
 ]
 
 BATCHES = (1, 1024)
+MAX_BATCH_MACS = 2e9  # ~0.1 s of dense convolutions on one core, ~0.5 s of depthwise ones (MobileNets)
 
 
 @contextlib.contextmanager
@@ -71,6 +79,22 @@ def torch_forward(model: Any) -> Callable[[np.ndarray], Any]:
             return folded(torch.from_numpy(x))
 
     return run
+
+
+def batches_for(module: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """BATCHES, the large one cut to the largest power of two whose forward costs at most
+    MAX_BATCH_MACS (counted by FlopCounterMode on one zero row); (1,) when even 2 rows cost more."""
+    from hpcml.models.flops import forward_flops
+
+    training = module.training
+    try:
+        macs = forward_flops(module.eval(), torch.zeros(1, *input_shape)) / 2
+    finally:
+        module.train(training)
+    if macs * BATCHES[-1] <= MAX_BATCH_MACS:
+        return BATCHES
+    rows = 2 ** int(math.log2(MAX_BATCH_MACS / macs)) if macs <= MAX_BATCH_MACS else 1
+    return (1, rows) if rows > 1 else (1,)
 
 
 def _time(fn: Callable[[np.ndarray], Any], x: np.ndarray, calls: int) -> float:

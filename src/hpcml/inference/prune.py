@@ -21,9 +21,10 @@ from hpcml.errors import UsageError
 from hpcml.models.chain import links, resize
 from hpcml.models.registry import MODEL_NAMES, create_model
 
-__all__ = ["Pruned", "prune_module", "count_params"]
+__all__ = ["Pruned", "check_prunable", "prune_module", "count_params"]
 
 _WIDTH_KWARGS = {"mlp": ("hidden", "depth"), "cnn1d": ("channels",), "cnn2d": ("channels",)}
+_RESIDUAL = ("mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet34")
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,30 @@ def _copy_kept(module: nn.Module, old_chain, keeps: dict[str, torch.Tensor]) -> 
         cols = None if rows is None else _columns(rows, link.per_unit)
 
 
+def check_prunable(architecture: str) -> None:
+    """Refuse, before anything is computed, a built-in whose layers this pruner cannot shrink."""
+    if architecture not in MODEL_NAMES or architecture in _WIDTH_KWARGS:
+        return  # a prunable built-in; a user model is checked layer by layer (models/chain.links)
+    why = (
+        "its residual blocks are not a plain chain of layers (skip connections tie the channels of the "
+        "blocks they join)"
+        if architecture in _RESIDUAL
+        else "it takes no per-layer widths to be rebuilt at"
+    )
+    instead = "; train a narrower one instead (--model-kw width=0.5)" if "mobilenet" in architecture else ""
+    raise UsageError(
+        f"--prune: {architecture} cannot be pruned: {why}; hpcml prunes {', '.join(_WIDTH_KWARGS)} and "
+        f"nn.Sequential chains{instead}"
+    )
+
+
 def prune_module(
     module: nn.Module, *, fraction: float, architecture: str, kwargs: dict[str, Any], input_shape, num_outputs
 ) -> Pruned:
     """A pruned copy of `module` (left unchanged); see the module docstring."""
     if not 0 < fraction < 1:
         raise UsageError(f"--prune must be a fraction between 0 and 1 (exclusive), got {fraction}")
+    check_prunable(architecture)
     chain = links(module)
     if len(chain) < 2:
         raise UsageError("nothing to prune: the model has only its output layer")

@@ -1,7 +1,8 @@
 """Name -> architecture: built-ins, installed plugins, and a user's `module:function` spec.
 
 Three kinds of names build a model, all called as `factory(input_shape=..., num_outputs=..., **kwargs)`:
-- a built-in (`mlp`, `cnn1d`, `cnn2d`);
+- a built-in (`mlp`, `cnn1d`, `convnet1d`, `cnn2d`, `mobilenet_v2`, `mobilenet_v3_small`, `resnet18`,
+  `resnet34`);
 - an installed plugin: an entry point in group `hpcml.models` (`tiny = mypkg.nets:build`), trusted
   like any installed package;
 - a spec `module:function` (or `pkg.sub:Class`), the uvicorn / entry-point convention: code outside
@@ -47,6 +48,10 @@ _BUILTINS: dict[str, str] = {
     "cnn1d": "hpcml.models.cnn:CNN1d",
     "convnet1d": "hpcml.models.cnn:ConvNet1d",
     "cnn2d": "hpcml.models.cnn:CNN2d",
+    "mobilenet_v2": "hpcml.models.mobilenet:MobileNetV2",
+    "mobilenet_v3_small": "hpcml.models.mobilenet:MobileNetV3Small",
+    "resnet18": "hpcml.models.resnet:resnet18",
+    "resnet34": "hpcml.models.resnet:resnet34",
 }
 MODEL_NAMES = tuple(_BUILTINS)
 SPEC_HELP = "module:function (your own nn.Module factory)"
@@ -234,7 +239,7 @@ def _one_line(err: BaseException) -> str:
 def _check_kwargs(name: str, cls: type, kwargs: dict[str, Any]) -> None:
     """kwargs of the types the architecture declares: a width of 1e9 (a float) or true is an error
     here, not a confusing one inside torch. Unknown names are left to the constructor's TypeError."""
-    hints = typing.get_type_hints(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__ if isinstance(cls, type) else cls)
     for key, value in kwargs.items():
         want = hints.get(key)
         if want is int:
