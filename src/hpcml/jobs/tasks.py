@@ -29,7 +29,7 @@ from typing import Any
 from hpcml._system import limit_threads, threads_per_job
 from hpcml.errors import UsageError, error_message, exit_message
 
-__all__ = ["BACKENDS", "Task", "Outcome", "Runner", "SharedArray", "attached"]
+__all__ = ["BACKENDS", "Task", "Outcome", "Runner", "SharedArray", "attached", "check_backend"]
 
 BACKENDS = ("local", "ray")
 
@@ -58,6 +58,13 @@ class Outcome:
 
 
 Event = Callable[[dict[str, Any]], None]
+
+
+def check_backend(backend: str, address: str | None) -> None:
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if address is not None and backend != "ray":
+        raise UsageError("--address is for the Ray backend; add --backend ray")
 
 
 def _call(fn: str, kwargs: dict[str, Any], threads: int, attempt: int) -> tuple[str, Any]:
@@ -140,12 +147,9 @@ class Runner:
     """
 
     def __init__(self, *, workers: int = 1, backend: str = "local", address: str | None = None):
-        if backend not in BACKENDS:
-            raise UsageError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        check_backend(backend, address)
         if not isinstance(workers, int) or workers < 1:
             raise UsageError(f"workers must be a whole number >= 1, got {workers!r}")
-        if address is not None and backend != "ray":
-            raise UsageError("--address is for the Ray backend; add --backend ray")
         self.workers, self.backend, self.address = workers, backend, address
         self.threads = threads_per_job(workers)
         self._shared: list[Any] = []
