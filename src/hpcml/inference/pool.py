@@ -176,16 +176,21 @@ class WorkerPool:
 
         self.workers, self.threads = workers, threads or threads_per_job(workers)
         where = str(Path(model_dir).absolute())
-        # loaded (and verified) here first: a bad dir fails before any helper starts
-        self.model = model or load_runtime(
-            where, runtime=runtime, trust_code=trust_code, threads=self.threads
-        )
         ctx = mp.get_context("spawn")  # fresh interpreters: no inherited locks, threads or CUDA state
+        # helpers first: they import torch and load while this process loads (and verifies) its copy;
+        # a bad dir fails here, and the helpers still starting are stopped at once
         self._helpers = [
             _Helper(ctx, i, (where, runtime, trust_code, self.threads)) for i in range(1, workers)
         ]
         self.closed = False
         self.rows_last_call: list[int] = []  # rows each process predicted (0: this one)
+        try:
+            self.model = model or load_runtime(
+                where, runtime=runtime, trust_code=trust_code, threads=self.threads
+            )
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> WorkerPool:
         return self
