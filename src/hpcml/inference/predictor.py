@@ -12,10 +12,12 @@ workers=1 predicts in this process with every core as a torch thread. workers=W 
 2. If that time is short next to a pool's start-up (STARTUP_SECONDS + this model's load time; 0 for
    a pool already warm) or MIN_POOL_SECONDS, the rest is predicted here: small inputs never pay
    for processes.
-3. Otherwise one more chunk runs on 1 thread: W processes at that rate, this process alone until the
-   helpers are ready, is the pool's estimate. A pool of one process per free core
-   (training.precision.free_cores, sampled only now) is used if it is estimated at least 1/PAYS
-   times faster than this process with its faster thread count (all cores, or 1 on a busy machine).
+3. Otherwise one more chunk runs on 1 thread. The pool's estimate (`choose_workers`): this process
+   alone until the helpers are ready, then one 1-thread process per core, at that rate where the
+   cores are free and at their share of the CPU where other processes keep cores busy
+   (training.precision.free_cores, sampled only now). The pool is used if it is estimated at least
+   1/PAYS times faster than this process with its faster thread count (all cores, or 1 on a busy
+   machine, where OpenMP threads stall).
 
 Each call's choice and its reason are in `decision` (and logged on the "hpcml" logger). A helper
 that died fails the call with an error naming it; the next call starts a new pool.
@@ -49,8 +51,8 @@ __all__ = ["Predictor", "Decision", "check_workers", "choose_workers", "shared_p
 STARTUP_SECONDS = 1.2
 MIN_POOL_SECONDS = 0.5  # less work than this left: measuring at 1 thread would cost more than it could win
 POOL_EFFICIENCY = 0.9  # rows/s of W processes vs W x one: chunk transfer through pipes, the last chunk
-PAYS = 0.8  # a pool must be estimated at least 1 / PAYS = 1.25x faster: timings of ~20 ms are noisy
-CALIBRATE_SECONDS = 0.02
+PAYS = 0.8  # a pool must be estimated at least 1 / PAYS = 1.25x faster: short timings are noisy
+CALIBRATE_SECONDS = 0.05  # a timed chunk; shorter ones are noise on a busy machine
 
 
 @dataclass(frozen=True)
@@ -203,39 +205,46 @@ def choose_workers(
     *, rows: int, rate_all: float, rate_one: float, cores: int, startup: float,
     free: Callable[[], float], pool_workers: int | None = None,
 ) -> tuple[int, int, str]:  # fmt: skip
-    """(processes, torch threads each, why) for `rows` rows, from measured rows/s here on all
-    `cores` threads and on 1 thread, a pool's `startup` seconds (0: warm) and its size if one is
-    already started. `free()` (the cores other processes leave free) is asked only if a pool of one
-    process per core would pay."""
+    """(processes, torch threads each, why) for `rows` rows, from the rows/s measured here on all
+    `cores` threads and on 1 thread, a pool's `startup` seconds on an idle machine (0: warm) and its
+    size if one is started. `free()` (the cores other processes leave free) is asked only if a pool
+    would pay on an idle machine, its best case.
+
+    Busy cores: the other processes' `cores - free` cores of demand share the CPU with ours, each
+    runnable process getting an equal part (Linux CFS). 1-thread processes never wait for each other,
+    so a pool still gains on a busy machine, only less (and its helpers start slower); threads in one
+    process are the ones that stall, which is why `here` takes the faster of its two measured rates."""
     threads, rate = (1, rate_one) if rate_one > rate_all else (cores, rate_all)
     here = rows / rate
+    workers = pool_workers or cores
 
-    def estimate(workers: int) -> tuple[float, str]:
-        pool = _pool_seconds(rows, rate_one, workers, startup)
+    def estimate(busy: float) -> tuple[float, str]:
+        # the cores' worth k of our busy processes get; rate_one was measured with 1 of them
+        def share(k: int) -> float:
+            return min(k, cores * k / (k + busy))
+
+        each = rate_one / share(1) * share(workers) / workers  # rows/s of one of W processes
+        pool = _pool_seconds(rows, each, workers, startup * rate_one / each)
         return pool, (
             f"~{here:.2f} s left here at {threads} thread(s) ({rate:,.0f} rows/s; {rate_one:,.0f} at "
-            f"1 thread), ~{pool:.2f} s on {workers} processes (start-up ~{startup:.1f} s)"
+            f"1 thread), ~{pool:.2f} s on {workers} processes (start-up ~{startup:.1f} s idle)"
         )
 
-    pool, why = estimate(cores)  # the best a pool could do: if even that does not pay, stop here
+    pool, why = estimate(busy=0.0)  # the best case: if even that does not pay, stop here
     if pool > PAYS * here:
         return 1, threads, why
     cores_free = free()
-    usable = min(cores, int(cores_free + 0.3))  # as training.precision.choose_threads counts a free core
-    workers = pool_workers or usable
-    if workers < 2 or workers > usable:
-        return 1, threads, f"{why}; but {cores_free:.1f} of {cores} cores are free"
-    pool, why = estimate(workers)
+    pool, why = estimate(busy=max(0.0, cores - cores_free))
     why += f"; {cores_free:.1f} of {cores} cores free"
     return (workers, 1, why) if pool <= PAYS * here else (1, threads, why)
 
 
-def _pool_seconds(rows: int, rate_one: float, workers: int, startup: float) -> float:
-    """This process alone (1 thread) until the helpers are ready, then `workers` processes."""
-    alone = startup * rate_one
+def _pool_seconds(rows: int, each: float, workers: int, startup: float) -> float:
+    """This process alone until the helpers are ready, then `workers` processes at `each` rows/s."""
+    alone = startup * each
     if rows <= alone:
-        return rows / rate_one
-    return startup + (rows - alone) / (workers * rate_one * POOL_EFFICIENCY)
+        return rows / each
+    return startup + (rows - alone) / (workers * each * POOL_EFFICIENCY)
 
 
 # ---------------------------------------------------------------------------------- shared predictors
