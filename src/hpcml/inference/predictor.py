@@ -9,9 +9,9 @@ workers=1 predicts in this process with every core as a torch thread. workers=W 
 
 1. The first rows are predicted here as workers=1 would (all cores), in growing chunks until one
    takes CALIBRATE_SECONDS: its rows/s give the time left here. These rows are part of the answer.
-2. If that time is short next to a pool's start-up (STARTUP_SECONDS + this model's load time; 0 for
-   a pool already warm) or MIN_POOL_SECONDS, the rest is predicted here: small inputs never pay
-   for processes.
+2. As soon as the time left is short next to a pool's start-up (STARTUP_SECONDS + this model's
+   load time; 0 for a pool already warm) or MIN_POOL_SECONDS, the rest is predicted here in one
+   call: small inputs never pay for processes, nor for more than a chunk or two of measuring.
 3. Otherwise one more chunk runs on 1 thread. The pool's estimate (`choose_workers`): this process
    alone until the helpers are ready, then one 1-thread process per core, at that rate where the
    cores are free and at their share of the CPU where other processes keep cores busy
@@ -179,12 +179,15 @@ class Predictor:
             self._decide(workers, threads, f"auto: {workers} worker{'s' if workers > 1 else ''}: {why}")
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-        rows, seconds = run(256, cores)  # the first call also warms up: not a rate
-        while seconds < CALIBRATE_SECONDS and done < n:
+        startup = 0.0 if self.pool is not None and self.pool.ready else STARTUP_SECONDS + self._load_seconds
+        rows, seconds = run(256, cores)
+        # Small chunks overstate the time left (the first one warms up, each one has its overheads):
+        # once even that estimate is too short for a pool, the rest goes in one call, as workers=1.
+        while (here := (n - done) * seconds / rows) >= max(startup, MIN_POOL_SECONDS) and cores > 1:
+            if seconds >= CALIBRATE_SECONDS:
+                break
             rows, seconds = run(2 * rows, cores)
         rows_all, seconds_all = rows, seconds
-        startup = 0.0 if self.pool is not None and self.pool.ready else STARTUP_SECONDS + self._load_seconds
-        here = (n - done) * seconds / rows
         if cores < 2 or here < max(startup, MIN_POOL_SECONDS):
             total = time.perf_counter() - t0 + here
             why = "1 core" if cores < 2 else f"{n:,} rows take ~{total:.2f} s here"
