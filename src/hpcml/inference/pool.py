@@ -157,7 +157,7 @@ class WorkerPool:
 
     Each process uses `threads` torch threads (default cores // workers). The helpers start in the
     background when the pool is made; the first call does not wait for them. `model`: this process's
-    model, if it already loaded that dir.
+    model, if it already loaded that dir. One call at a time (a `Predictor` makes threads take turns).
     """
 
     def __init__(

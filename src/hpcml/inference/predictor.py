@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -83,6 +84,7 @@ class Predictor:
         self.decision: Decision | None = None
         self._pool: WorkerPool | None = None
         self._load_seconds = 0.0  # this model's load time here: a helper pays it too
+        self._lock = threading.Lock()
         self._dir = None if isinstance(model, Model) else str(Path(model).absolute())
         if self._dir is None:
             if workers not in (1, "auto"):
@@ -125,11 +127,15 @@ class Predictor:
         return [] if self.pool is None else self.pool.pids
 
     def predict(self, x: Any, *, probabilities: bool = False, batch_size: int = 65536) -> np.ndarray:
-        """Every row of x (array or tensor), in order: what Model.predict / predict_proba gives."""
+        """Every row of x (array or tensor), in order: what Model.predict / predict_proba gives.
+        Calls from several threads take turns (they would share the same cores and helpers)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UsageError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-        kw = {"batch_size": batch_size, "probabilities": probabilities}
+        with self._lock:
+            return self._predict(x, {"batch_size": batch_size, "probabilities": probabilities})
+
+    def _predict(self, x: np.ndarray, kw: dict) -> np.ndarray:
         if self.workers == "auto" and self._dir is not None and self.runtime == "torch":
             return self._auto(x, kw)
         if self.workers == 1 or self.workers == "auto":
