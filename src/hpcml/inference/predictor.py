@@ -7,8 +7,9 @@
 workers=1 predicts in this process with every core as a torch thread. workers=W > 1 uses a
 `WorkerPool`: this process and W-1 helpers. workers="auto" decides per call, by measuring:
 
-1. The first rows are predicted here as workers=1 would (all cores), in growing chunks until one
-   takes CALIBRATE_SECONDS: its rows/s give the time left here. These rows are part of the answer.
+1. The first rows are predicted here: 256 on 1 thread (a warm-up), then as workers=1 would (all
+   cores) in growing chunks until one takes CALIBRATE_SECONDS: its rows/s give the time left here.
+   These rows are part of the answer.
 2. As soon as the time left is short next to a pool's start-up (STARTUP_SECONDS + this model's
    load time; 0 for a pool already warm) or MIN_POOL_SECONDS, the rest is predicted here in one
    call: small inputs never pay for processes, nor for more than a chunk or two of measuring.
@@ -186,11 +187,12 @@ class Predictor:
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
         startup = 0.0 if self.pool is not None and self.pool.ready else STARTUP_SECONDS + self._load_seconds
-        rows, seconds = run(256, cores)
-        # Small chunks overstate the time left (the first one warms up, each one has its overheads):
-        # once even that estimate is too short for a pool, the rest goes in one call, as workers=1.
+        # The first chunk on 1 thread: it warms up, and on a busy core it cannot stall on a sibling
+        # thread. Small chunks overstate the time left (warm-up, each call's overheads): once even
+        # that estimate is too short for a pool, the rest goes in one call, as workers=1 does.
+        rows, seconds = run(256, 1)
         while (here := (n - done) * seconds / rows) >= max(startup, MIN_POOL_SECONDS) and cores > 1:
-            if seconds >= CALIBRATE_SECONDS:
+            if seconds >= CALIBRATE_SECONDS and rows > 256:
                 break
             rows, seconds = run(2 * rows, cores)
         rows_all, seconds_all = rows, seconds
