@@ -264,6 +264,10 @@ def test_pool_rows_equal_model_predict_exactly(model_dir, regression, x):
                 probs = pool.predict(rows, batch_size=1000, probabilities=True)
                 np.testing.assert_array_equal(probs, model.predict_proba(rows, batch_size=1000))
                 assert len(set(got.tolist())) > 1
+                # uint8 rows (image pixels): 1-byte items, whose 2-D buffers a pipe sizes by rows
+                pixels = (np.abs(rows) * 60).astype(np.uint8)
+                np.testing.assert_array_equal(pool.predict(pixels), model.predict(pixels))
+                assert pool.rows_last_call[1] > 0
             else:  # in the target's units, not standardized
                 assert abs(float(got.mean()) - 100.0) < 2.0
 

@@ -59,18 +59,21 @@ def _helper(conn: Any, model_dir: str, runtime: str, trust_code: bool, threads: 
             return
         dtype, shape, batch_size, probabilities = msg
         x = np.empty(shape, dtype)
-        conn.recv_bytes_into(_bytes(x))
+        if conn.recv_bytes_into(_bytes(x)) != x.nbytes:  # out of step with the parent: stop here
+            conn.send(("error", f"received a chunk of the wrong size for {shape} {dtype}"))
+            return
         try:
             y = np.ascontiguousarray(forward(model, x, batch_size=batch_size, probabilities=probabilities))
         except Exception as exc:  # noqa: BLE001 - reported with this helper's name
             conn.send(("error", error_message(exc)))
             continue
         conn.send(("ok", y.dtype.str, y.shape))
-        conn.send_bytes(y)
+        conn.send_bytes(_bytes(y))
 
 
 def _bytes(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous array as flat bytes (recv_bytes_into sizes a buffer by its first axis)."""
+    """A C-contiguous array as flat bytes: Connection's send_bytes and recv_bytes_into size a 2-D
+    buffer of 1-byte items (uint8 images) by its first axis, which would cut the message short."""
     return a.reshape(-1).view(np.uint8)
 
 
@@ -123,16 +126,18 @@ class _Helper:
         """Rows x predicted by the helper, written into `out` (same rows)."""
         try:
             self.conn.send((x.dtype.str, x.shape, batch_size, probabilities))
-            self.conn.send_bytes(x)
+            self.conn.send_bytes(_bytes(x))
         except OSError:  # BrokenPipeError: it died while idle
             raise self._fail("its pipe closed") from None
         _, dtype, shape = self._recv()
         if np.dtype(dtype) != out.dtype or tuple(shape) != out.shape:
             raise HpcmlError(f"{self.name} sent {dtype} {tuple(shape)}, expected {out.dtype} {out.shape}")
         try:
-            self.conn.recv_bytes_into(_bytes(out))
+            size = self.conn.recv_bytes_into(_bytes(out))
         except (EOFError, OSError):
             raise self._fail("its pipe closed") from None
+        if size != out.nbytes:
+            raise HpcmlError(f"{self.name} sent {size} bytes for {out.nbytes}")
 
     def stop(self) -> None:
         """Ask it to exit once its current chunk is done."""
