@@ -2,8 +2,9 @@
 
 1. Predict throughput (rows/s) on N >= 1,000,000 rows (an in-memory float32 array) with a trained MLP:
    - `hpcml.predict` in this process (W=1, all cores as intra-op threads);
-   - `predict_parallel(workers=2)` on the local backend, end to end: spawning the workers, each
-     loading the model dir (sha256-verified), sharing the input, predicting, gathering;
+   - `predict_parallel(workers=2)` on the local backend, end to end: this process and a helper
+     spawned for the call, each loading the model dir (sha256-verified), sharing the rows in chunks,
+     gathering (`hpcml bench --cases predict` has the warm pool and workers=auto too);
    - the same on Ray (if installed), warm: the Ray instance and its worker processes already up;
    - a naive per-row loop (`model.predict(x[i:i+1])` for each row), measured on a subset and
      extrapolated as rows/s (it would take far too long on all rows).
@@ -73,7 +74,7 @@ def bench_predict(model_dir: Path, x: np.ndarray, repeats: int, ray) -> dict:
     model = hpcml.load_model(model_dir)
     hpcml.predict(model, x[:50_000])  # warm-up: allocator, kernels
     contenders = {
-        "W=1 (in process)": lambda: hpcml.predict(model_dir, x),
+        "W=1 (in process)": lambda: hpcml.predict(model_dir, x, workers=1),  # not auto: the baseline
         "W=2 local (spawned)": lambda: predict_parallel(model_dir, x, workers=2),
     }
     if ray is not None:

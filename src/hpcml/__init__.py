@@ -24,6 +24,7 @@ __all__ = [
     "train",
     "evaluate",
     "predict",
+    "Predictor",
     "sweep",
     "load_model",
     "Run",
@@ -44,6 +45,7 @@ _LAZY = {
     "Run": "hpcml.training.summary",
     "evaluate": "hpcml.api",
     "predict": "hpcml.api",
+    "Predictor": "hpcml.inference.predictor",
     "sweep": "hpcml.jobs.sweep",
     "load_model": "hpcml.models.io",
     "Model": "hpcml.models.io",
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     from hpcml.bench import benchmark
     from hpcml.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
     from hpcml.inference.compress import compress, export
+    from hpcml.inference.predictor import Predictor
     from hpcml.jobs.sweep import sweep
     from hpcml.models.io import Model, load_model
     from hpcml.training.callbacks import Callback

@@ -16,6 +16,7 @@ from torch import nn
 import hpcml
 from hpcml.config import DataConfig, TrainConfig, build_config
 from hpcml.distributed.dist import launcher_env
+from hpcml.inference.predictor import shared_predictor
 from hpcml.models.io import Model, load_model
 from hpcml.training.build import ModelSource
 from hpcml.training.callbacks import Callback
@@ -58,7 +59,7 @@ def predict(
     x: Any,
     *,
     probabilities: bool = False,
-    workers: int = 1,
+    workers: int | str = "auto",
     backend: str = "local",
     address: str | None = None,
     batch_size: int = 65536,
@@ -68,21 +69,36 @@ def predict(
     """Predicted class indices for each row of `x` (or class probabilities with `probabilities=True`).
 
     `x` is an array, or a path/URL to CSV, Parquet, NumPy or an hpcml store (columns matched to the
-    model). `workers > 1` splits the rows over that many processes of `backend` ('local' or 'ray' at
-    `address`), each loading the model once; the rows come back in input order, identical to
-    `workers=1`. `output` also writes them to a .parquet or .csv file (see hpcml.jobs.predict).
-    `trust_code=True` allows a model dir whose architecture is a `module:function` spec to import it
-    (in every worker; the module must be importable there: PYTHONPATH or installed).
+    model). With a model dir, `workers` processes predict: 1 is this process, W > 1 this process and
+    W-1 warm helpers, "auto" (the default) measures whether helpers pay (hpcml.inference.predictor);
+    the model and its helpers stay loaded for the next call with the same model dir and workers
+    (`hpcml.Predictor` holds them under your control instead). `backend="ray"` shards over Ray tasks
+    at `address`. The rows come back in input order, identical to `workers=1`. `output` also writes
+    them to a .parquet or .csv file (see hpcml.jobs.predict). `trust_code=True` allows a model dir
+    whose architecture is a `module:function` spec to import it (in every worker; the module must be
+    importable there: PYTHONPATH or installed).
     """
-    if isinstance(x, str | Path) or workers != 1 or backend != "local" or output is not None:
-        from hpcml.jobs.predict import predict_parallel
+    from hpcml.jobs.predict import predict_parallel
 
-        return predict_parallel(
-            model, x, workers=workers, backend=backend, address=address, batch_size=batch_size,
-            probabilities=probabilities, output=output, trust_code=trust_code,
-        )  # fmt: skip
-    m = _model(model, trust_code)
-    return m.predict_proba(x, batch_size=batch_size) if probabilities else m.predict(x, batch_size=batch_size)
+    local = backend == "local"
+    if (
+        isinstance(model, Model)
+        and local
+        and workers in (1, "auto")
+        and not isinstance(x, str | Path)
+        and not output
+    ):
+        return (
+            model.predict_proba(x, batch_size=batch_size)
+            if probabilities
+            else model.predict(x, batch_size=batch_size)
+        )
+    if local and not isinstance(model, Model):  # kept loaded (and its helpers warm) for the next call
+        model = shared_predictor(model, workers=workers, trust_code=trust_code)
+    return predict_parallel(
+        model, x, workers=workers, backend=backend, address=address, batch_size=batch_size,
+        probabilities=probabilities, output=output, trust_code=trust_code,
+    )  # fmt: skip
 
 
 def train(

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hpcml.errors import HpcmlError
+from hpcml.errors import HpcmlError, UsageError
 
 __all__ = ["register"]
 
@@ -42,13 +42,16 @@ SWEEP_HELP = (
 )
 
 PREDICT_HELP = (
-    "Predict every row of a file with a model dir, in parallel: the input is split into one shard per "
-    "worker, each worker loads the model once and predicts in large batches. The output keeps the input "
-    "order: a `prediction` column (class name, or value for regression) and, with --probabilities, one "
+    "Predict every row of a file with a model dir, in parallel where it pays: with --workers N this "
+    "process and N-1 helper processes, each loading the model once, share the rows out in chunks; "
+    "--workers auto (the default) first times a few chunks here and starts helpers only if they are "
+    "estimated to finish sooner, start-up included. The output keeps the input order: a `prediction` "
+    "column (class name, or value for regression) and, with --probabilities, one "
     "prob_<class> column per class; .parquet or .csv by the extension, written atomically.\n\n"
     "Input: CSV, Parquet, .npy, .npz (array x) or an hpcml store, local or any fsspec URL. Columns are "
     "matched by name when the model recorded its features, else all numeric columns but the target.\n\n"
     "Examples:\n\n"
+    "  hpcml predict runs/demo/model --input data.parquet --output preds.parquet   # --workers auto\n\n"
     "  hpcml predict runs/demo/model --input data.parquet --output preds.parquet --workers 4\n\n"
     "  hpcml predict runs/demo/model --input s3://bucket/x.csv --output preds.csv --probabilities\n\n"
     "  hpcml predict runs/demo/model --input stores/big --output p.parquet --backend ray --json\n\n"
@@ -148,7 +151,14 @@ def predict(
     ],
     input: Annotated[str, typer.Option("--input", help="CSV, Parquet, .npy, .npz or store; path or URL.")],
     output: Annotated[str, typer.Option("--output", help="Predictions file: .parquet or .csv.")],
-    workers: Annotated[int, typer.Option(help="Processes, one shard of the input each.")] = 1,
+    workers: Annotated[
+        str,
+        typer.Option(
+            help="Processes predicting: N (this one and N-1 warm helpers, started once for all the "
+            "chunks), or auto: measure whether helpers pay (small inputs: 1); the choice and why are "
+            "printed."
+        ),
+    ] = "auto",
     backend: Annotated[str, _BACKEND] = "local",
     address: Annotated[str | None, _ADDRESS] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 65536,
@@ -170,18 +180,25 @@ def predict(
 ) -> None:
     from hpcml.jobs.predict import predict_parallel
 
+    if workers != "auto":
+        try:
+            workers = int(workers)
+        except ValueError:
+            raise UsageError(f"--workers takes a whole number >= 1 or auto, got {workers!r}") from None
     stats: dict[str, Any] = {}
     predict_parallel(
         model_dir, input, workers=workers, backend=backend, address=address, batch_size=batch_size,
         probabilities=probabilities, output=output, stats=stats, trust_code=trust_code, runtime=runtime,
     )  # fmt: skip
-    result = {"model": str(model_dir), "input": stats["source"], "output": str(output), "workers": workers,
-              "backend": backend, "rows": stats["rows"], "seconds": stats["seconds"],
-              "rows_per_second": stats["rows_per_second"]}  # fmt: skip
+    result = {"model": str(model_dir), "input": stats["source"], "output": str(output),
+              "workers": stats["workers"], "workers_requested": workers,
+              "workers_reason": stats["workers_reason"], "backend": backend, "rows": stats["rows"],
+              "seconds": stats["seconds"], "rows_per_second": stats["rows_per_second"]}  # fmt: skip
     if json_:
         typer.echo(json.dumps(result, indent=2))
     else:
         typer.echo(
             f"predicted {result['rows']:,} rows in {result['seconds']:.2f} s "
-            f"({result['rows_per_second']:,.0f} rows/s, {workers} worker(s), {backend}) -> {output}"
+            f"({result['rows_per_second']:,.0f} rows/s, {result['workers']} worker(s), {backend}) -> {output}"
         )
+        typer.echo(f"workers: {result['workers_reason']}", err=True)

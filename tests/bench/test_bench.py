@@ -279,7 +279,9 @@ def test_quick_suite_smoke(cli, tmp_path):
         assert {c["threads"][0] for k, c in busy["contenders"].items() if k.endswith("1 thread")} == {1}
     assert len(goals) == 8 + 3 + 3 + 2 * (busy["status"] == "ok") + 4 * (
         cases["compress"]["status"] == "ok"
-    ) and all({"goal", "target", "value", "met", "note", "case"} <= set(g) for g in goals)
+    ) + 4 * (cases["predict"]["status"] == "ok") and all(
+        {"goal", "target", "value", "met", "note", "case"} <= set(g) for g in goals
+    )
 
     md = (out / "b.md").read_text()
     assert "| goal | ratio | target | status | note |" in md

@@ -1,7 +1,10 @@
 """Parallel batch inference: identical rows to single-process predict, file inputs, clear errors."""
 
 import json
+import os
 import shutil
+import signal
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -44,8 +47,10 @@ def _table(x: np.ndarray, *, extra: bool = True) -> pa.Table:
 
 
 def test_two_workers_match_single_process_row_for_row(model_dir, x, tmp_path):
-    ref_idx = hpcml.predict(model_dir, x)  # single process, Model.predict
-    ref_prob = hpcml.predict(model_dir, x, probabilities=True)
+    # Model.predict in this process at the same batch size: its last batch has 1 row, and BLAS gives
+    # a 1-row batch its own kernel (other last bits), which the workers' chunks must reproduce
+    model = hpcml.load_model(model_dir)
+    ref_idx, ref_prob = model.predict(x, batch_size=1000), model.predict_proba(x, batch_size=1000)
     out2 = tmp_path / "w2.parquet"
     prob2 = hpcml.predict(model_dir, x, workers=2, batch_size=1000, probabilities=True, output=out2)
     assert prob2.shape == (len(x), CLASSES) and prob2.dtype == np.float32
@@ -54,7 +59,7 @@ def test_two_workers_match_single_process_row_for_row(model_dir, x, tmp_path):
     assert len(set(ref_idx.tolist())) > 1  # a constant prediction would hide an ordering bug
 
     out1 = tmp_path / "w1.parquet"
-    predict_parallel(model_dir, x, workers=1, probabilities=True, output=out1)
+    predict_parallel(model_dir, x, workers=1, batch_size=1000, probabilities=True, output=out1)
     t1, t2 = pq.read_table(out1), pq.read_table(out2)
     assert t1.equals(t2)
     assert t2.column_names == ["prediction", *(f"prob_{c}" for c in range(CLASSES))]
@@ -140,6 +145,7 @@ def test_cli_predict(model_dir, x, tmp_path, cli):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["rows"] == len(x) and doc["workers"] == 2 and doc["rows_per_second"] > 0
+    assert doc["workers_reason"] == "workers=2"
     ref = hpcml.predict(model_dir, x)
     assert pq.read_table(out).column("prediction").to_pylist() == [str(i) for i in ref]
     r = cli(
@@ -214,3 +220,130 @@ def test_output_that_would_overwrite_the_input_is_refused(model_dir, x, tmp_path
     with pytest.raises(UsageError, match="would overwrite the input"):
         hpcml.predict(model_dir, str(store), output=store / "manifest.parquet")
     assert src.read_bytes() == before and stores.verify(store)["ok"]
+
+
+# ------------------------------------------------------------------------------- the warm worker pool
+
+
+class _SlowHere:
+    """This process's share of a pool, made slow (a test wrapper around the real Model): the helper
+    then predicts most chunks, so its rows are what the comparison checks."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def predict(self, x, **kw):
+        time.sleep(0.05)
+        return self.model.predict(x, **kw)
+
+    def predict_proba(self, x, **kw):
+        time.sleep(0.05)
+        return self.model.predict_proba(x, **kw)
+
+
+def _ready(pool, timeout=120.0):
+    t0 = time.monotonic()
+    while not pool.ready:
+        assert time.monotonic() - t0 < timeout, "the helper never became ready"
+        time.sleep(0.05)
+
+
+def test_pool_rows_equal_model_predict_exactly(model_dir, regression, x):
+    from hpcml.inference.pool import WorkerPool
+
+    for path, rows in ((model_dir, x), (regression[0], np.tile(regression[1], (4, 1)))):  # 4+ chunks
+        model = hpcml.load_model(path)
+        with WorkerPool(path, workers=2, model=_SlowHere(model)) as pool:
+            _ready(pool)
+            got = pool.predict(rows)
+            assert pool.rows_last_call[1] > pool.rows_last_call[0] > 0  # both predicted, mostly the helper
+            np.testing.assert_array_equal(got, model.predict(rows))  # fp32 bits, in input order
+            assert got.dtype == model.predict(rows[:2]).dtype
+            if model.task == "classification":
+                # a 1-row last batch (5001 = 5 x 1000 + 1) keeps its own kernel's bits in the pool too
+                probs = pool.predict(rows, batch_size=1000, probabilities=True)
+                np.testing.assert_array_equal(probs, model.predict_proba(rows, batch_size=1000))
+                assert len(set(got.tolist())) > 1
+                # uint8 rows (image pixels): 1-byte items, whose 2-D buffers a pipe sizes by rows
+                pixels = (np.abs(rows) * 60).astype(np.uint8)
+                np.testing.assert_array_equal(pool.predict(pixels), model.predict(pixels))
+                assert pool.rows_last_call[1] > 0
+            else:  # in the target's units, not standardized
+                assert abs(float(got.mean()) - 100.0) < 2.0
+
+
+def test_a_second_call_reuses_the_warm_workers(model_dir, x):
+    from hpcml.inference.predictor import close_shared, shared_predictor
+
+    try:
+        first = hpcml.predict(model_dir, x, workers=2)
+        pids = shared_predictor(model_dir, workers=2).pids
+        second = hpcml.predict(model_dir, x, workers=2)
+        assert shared_predictor(model_dir, workers=2).pids == pids
+        assert len(pids) == 1 and pids[0] != os.getpid()
+        os.kill(pids[0], 0)  # still running
+        np.testing.assert_array_equal(first, second)
+    finally:
+        close_shared()
+
+
+def _wait_dead(pid, timeout=30.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} still running")
+
+
+def test_a_killed_worker_is_a_clear_error_then_a_new_pool_starts(model_dir, x):
+    ref = hpcml.load_model(model_dir).predict(x)
+    with hpcml.Predictor(model_dir, workers=2) as p:
+        _ready(p.pool)
+        (pid,) = p.pids
+        os.kill(pid, signal.SIGKILL)
+        _wait_dead(pid)
+        with pytest.raises(HpcmlError, match=rf"predict worker 1 \(pid {pid}\) failed: .*killed by SIGKILL"):
+            p.predict(x)
+        np.testing.assert_array_equal(p.predict(x), ref)  # the next call starts a new pool
+        assert p.pids and p.pids != [pid]
+
+
+def test_auto_predicts_a_small_input_in_this_process(model_dir, x):
+    with hpcml.Predictor(model_dir) as p:  # workers="auto" is the default
+        got = p.predict(x[:100])
+        assert p.decision.workers == 1 and p.pids == []
+        assert p.decision.reason.startswith("auto: 1 worker: 100 rows take")
+    np.testing.assert_array_equal(got, hpcml.load_model(model_dir).predict(x[:100]))
+
+
+def test_auto_chooses_workers_from_the_measured_rates():
+    from hpcml.inference.predictor import choose_workers
+
+    asked = []
+
+    def free(cores):
+        return lambda: asked.append(cores) or cores
+
+    def choose(rate_all, rate_one, cores_free, rows=1_000_000, startup=1.2, pool_workers=None):
+        return choose_workers(rows=rows, rate_all=rate_all, rate_one=rate_one, cores=2, startup=startup,
+                              free=free(cores_free), pool_workers=pool_workers)  # fmt: skip
+
+    # 2 threads twice as fast as 1: two processes cannot beat them; free cores are not even sampled
+    assert choose(200_000, 100_000, 2.0)[:2] == (1, 2) and not asked
+    # threads that do not scale (a small model): two processes pay on a long input, both cores free
+    workers, threads, why = choose(100_000, 100_000, 2.0)
+    assert (workers, threads) == (2, 1) and "2.0 of 2 cores free" in why
+    # ... less with one core busy: a third of the CPU each, a slower start-up: not 1.25x any more
+    assert choose(100_000, 100_000, 1.0)[:2] == (1, 2)
+    # a busy machine where 1 thread beats 2 (OpenMP waits): this process, on 1 thread ...
+    assert choose(60_000, 100_000, 0.0)[:2] == (1, 1)
+    # ... unless the input is long enough for the pool's share of the CPU to pay for its start-up
+    assert choose(60_000, 100_000, 0.0, rows=5_000_000)[:2] == (2, 1)
+    # a short input: the start-up would eat the gain; a warm pool has none
+    assert choose(100_000, 100_000, 2.0, rows=150_000)[0] == 1
+    assert choose(100_000, 100_000, 2.0, rows=150_000, startup=0.0, pool_workers=2)[0] == 2

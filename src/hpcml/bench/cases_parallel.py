@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -104,71 +105,156 @@ def scaling(ctx: Context) -> dict[str, Any]:
     }
 
 
+PREDICT_FEATURES, PREDICT_SMALL = 32, 20_000
+
+
+def predict_config(threads: int) -> dict[str, Any]:
+    """An MLP 32-512-512-10: its 512x512 matmuls keep one thread busy computing (~0.55 MFLOP a row)."""
+    return {
+        "data": {"name": "synthetic", "rows": 2048, "features": PREDICT_FEATURES, "classes": 10},
+        "model": {"name": "mlp", "kwargs": {"hidden": 512, "depth": 2}},
+        "epochs": 1,
+        "threads": threads,
+        "device": "cpu",
+        "precision": "fp32",
+    }
+
+
 def predict_scaling(ctx: Context) -> dict[str, Any]:
-    """Case 5: `hpcml.jobs.predict.predict_parallel` rows/s with 1 -> W workers, checked to give
-    the same predictions as 1 worker."""
-    title = "Parallel predict throughput, 1 -> W workers (rows/s)"
+    """Case 5: parallel predict of suite.predict_rows rows x 32 features, end to end through
+    `predict_parallel` (model load, worker start-up and shut-down included), interleaved:
+    W=1 (this process, all cores as threads: what workers=1 gives), one process on 1 thread (the
+    per-process baseline), W=2 (this process + 1 helper started for the call), W=2 on a warm
+    `Predictor`, and auto; then W=1 and auto on a small input. Each is checked to give W=1's rows."""
+    title = "Parallel predict: W=1, W=2 (incl. start-up) and auto (rows/s)"
     try:
         from hpcml.jobs.predict import predict_parallel
     except ImportError as err:
         return skipped("predict", title, f"hpcml.jobs.predict is not available yet ({err})")
+    from hpcml.inference.forward import forward, torch_threads
+    from hpcml.inference.predictor import Predictor
+    from hpcml.models.io import load_model, save_model
+
     cores = available_cores()
-    workers = counts(cores)
-    trained = ctx.train({"model": {"name": "mlp"}, "epochs": 1, "threads": ctx.threads, "device": "cpu"})
+    if cores < 2:
+        return skipped("predict", title, f"needs >= 2 cores, this machine has {cores}")
     model_dir = ctx.scratch / "predict-model"
     if not model_dir.exists():
-        from hpcml.models.io import save_model
-
+        trained = ctx.train(predict_config(ctx.threads))
         save_model(model_dir, trained.model.module, trained.model.meta)
-    x_test = ctx.mnist1d()[2].numpy()  # already normalized, normalized again by the model: same cost
-    reps = -(-ctx.suite.predict_rows // len(x_test))
-    x = np.tile(x_test, (reps,) + (1,) * (x_test.ndim - 1))[: ctx.suite.predict_rows]
-    batch = 8192
-    reference: dict[str, np.ndarray] = {}
+    x = np.random.default_rng(0).normal(size=(ctx.suite.predict_rows, PREDICT_FEATURES)).astype(np.float32)
+    small = x[:PREDICT_SMALL]
+    warm = Predictor(model_dir, workers=2)
+    reference: dict[int, np.ndarray] = {}
 
-    def make(w: int):
+    def one_thread(rows: np.ndarray, stats: dict) -> np.ndarray:
+        with torch_threads(1):  # the in-process path of workers=1, on one thread
+            return forward(load_model(model_dir), rows, batch_size=65536, probabilities=False)
+
+    def on_warm(rows: np.ndarray, stats: dict) -> np.ndarray:
+        pred = predict_parallel(warm, rows, stats=stats)
+        while not warm.pool.ready:  # after the warm-up call: the timed calls find the helper ready
+            time.sleep(0.05)
+        return pred
+
+    def make(call, rows: np.ndarray):
         def run(rep: int) -> dict:
-            rows = x[:batch] if rep < 0 else x
+            data = rows[:PREDICT_SMALL] if rep < 0 else rows  # warm-up: imports, allocator, kernels
+            stats: dict[str, Any] = {}
             t0 = time.perf_counter()
-            pred = np.asarray(predict_parallel(model_dir, rows, workers=w, batch_size=batch))
+            pred = call(data, stats)
             seconds = time.perf_counter() - t0
             if rep < 0:
                 return {}
-            if w == 1:
-                reference.setdefault("1", pred)  # workers=1 runs first in every repeat
-            same = bool(np.array_equal(pred, reference["1"])) if "1" in reference else None
-            return {"rows_per_second": len(rows) / seconds, "seconds": seconds, "matches_1_worker": same}
+            reference.setdefault(len(data), pred)  # W=1 runs first in every repeat
+            return {"rows_per_second": len(data) / seconds, "seconds": seconds,
+                    "matches_w1": bool(np.array_equal(pred, reference[len(data)])),
+                    "workers": stats.get("workers"), "why": stats.get("workers_reason"),
+                    "loadavg": os.getloadavg()}  # fmt: skip
 
         return run
 
-    contenders = {f"{w} worker{'s' if w > 1 else ''}": make(w) for w in workers}
-    runs = interleave(
-        contenders,
-        repeats=ctx.repeat,
-        on_result=lambda n, rep, r: ctx.log(f"  repeat {rep + 1}: {n}: {r['rows_per_second']:,.0f} rows/s"),
-    )
+    def parallel(workers: Any):
+        return lambda rows, stats: predict_parallel(model_dir, rows, workers=workers, stats=stats)
+
+    w1, one, w2, w2_warm, auto = (f"W=1 (this process, {cores} threads)", "1 process x 1 thread",
+                                  "W=2, incl. start-up", "W=2, warm", "auto")  # fmt: skip
+    w1_small, auto_small = f"W=1, {len(small):,} rows", f"auto, {len(small):,} rows"
+    contenders = {
+        w1: make(parallel(1), x), one: make(one_thread, x), w2: make(parallel(2), x),
+        w2_warm: make(on_warm, x), auto: make(parallel("auto"), x),
+        w1_small: make(parallel(1), small), auto_small: make(parallel("auto"), small),
+    }  # fmt: skip
+    try:
+        runs = interleave(
+            contenders,
+            repeats=ctx.repeat,
+            on_result=lambda n, rep, r: ctx.log(
+                f"  repeat {rep + 1}: {n}: {r['rows_per_second']:,.0f} rows/s (load {r['loadavg'][0]:.2f})"
+                + (f"; {r['why']}" if n.startswith("auto") else "")
+            ),
+        )
+    finally:
+        warm.close()
     out = {
         k: {"summary": summarize([r["rows_per_second"] for r in v], higher_is_better=True), "runs": v}
         for k, v in runs.items()
     }
-    base = out[next(iter(out))]["summary"]["median"]
-    curve = [
-        {
-            "workers": w,
-            "rows_per_second": out[n]["summary"]["median"],
-            "efficiency": ratio(out[n]["summary"]["median"], w * base),
-        }
-        for w, n in zip(workers, out, strict=True)
-    ]
+    med = {k: v["summary"]["median"] for k, v in out.items()}
+    for name in (w2, w2_warm):
+        out[name]["note"] = (
+            f"{ratio(med[name], med[w1]):.2f}x W=1, {ratio(med[name], med[one]):.2f}x 1 thread"
+        )
+    for name, base in ((auto, w1), (auto_small, w1_small)):
+        chose = "/".join(str(w) for w in sorted({r["workers"] for r in runs[name]}))
+        out[name]["note"] = f"chose {chose} worker(s); {ratio(med[name], med[base]):.2f}x W=1"
+    rows = f"{len(x):,} rows x {PREDICT_FEATURES}, MLP 512x2"
+    startup = "a helper's start-up (spawn, import torch, load: ~1 s here) is paid in the same call"
     return {
         "name": "predict",
         "title": title,
         "status": "ok",
         "metric": "rows/s",
         "higher_is_better": True,
-        "config": {"rows": len(x), "batch_size": batch, "model": "mlp", "workers": workers},
+        "config": {
+            "rows": len(x),
+            "features": PREDICT_FEATURES,
+            "small_rows": len(small),
+            "model": "mlp 512x2",
+            "batch_size": 65536,
+        },  # fmt: skip
         "contenders": out,
-        "curve": curve,
-        "consistent": all(r.get("matches_1_worker") is not False for v in runs.values() for r in v),
-        "goals": [],
+        "curve": [
+            {"workers": 1, "rows_per_second": med[one], "efficiency": 1.0},
+            {"workers": 2, "rows_per_second": med[w2], "efficiency": ratio(med[w2], 2 * med[one])},
+        ],
+        "consistent": all(r["matches_w1"] for v in runs.values() for r in v),
+        "goals": [
+            goal(
+                f"parallel predict W=2 >= 1.6x one process on 1 thread ({rows}, start-up included)",
+                ratio(med[w2], med[one]),
+                1.6,
+                limit=f"{startup}, while this process predicts alone; rows go through pipes; other work "
+                "on the shared cores",
+            ),
+            goal(
+                f"parallel predict W=2 >= 1.6x W=1 (this process, {cores} cores as threads)",
+                ratio(med[w2], med[w1]),
+                1.6,
+                limit="W=1 already runs every core as a torch thread, and these matmuls scale on threads; "
+                f"a second process wins only where threads stall (a busy core) or scale badly; {startup}",
+            ),
+            goal(
+                f"auto >= W=1 ({rows}; 0.95 for timing noise)",
+                ratio(med[auto], med[w1]),
+                0.95,
+                limit="auto's calibration chunks, or a wrong pick from a noisy measurement",
+            ),
+            goal(
+                f"auto >= W=1 ({len(small):,} rows; 0.95 for timing noise)",
+                ratio(med[auto_small], med[w1_small]),
+                0.95,
+                limit="auto's calibration chunks",
+            ),
+        ],  # fmt: skip
     }

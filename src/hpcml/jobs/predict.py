@@ -1,10 +1,12 @@
-"""Parallel batch inference: the input split into contiguous shards, one per worker.
+"""Batch inference of a file or array: on this machine's warm worker pool, or sharded over Ray.
 
-Each worker loads the model dir once (load_model checks it), sets its thread count and predicts its
-shard with `Model.predict` / `Model.predict_proba`, the one forward path (preprocessing and target
-scale included). The parent puts the shards back in input order and, when asked, writes them atomically
-as Parquet or CSV: a `prediction` column (class name, or the value for a regression model), plus one
-`prob_<class>` column per class with `probabilities=True`.
+Locally, a `Predictor` (hpcml.inference.predictor) predicts on this process and warm helper processes
+(or chooses how many with workers="auto"); on Ray, the input is split into one contiguous shard per
+task, each loading the model dir. Every process predicts with `Model.predict` /
+`Model.predict_proba`, the one forward path (preprocessing and target scale included). The rows come
+back in input order and, when asked, are written atomically as Parquet or CSV: a `prediction` column
+(class name, or the value for a regression model), plus one `prob_<class>` column per class with
+`probabilities=True`.
 
 Inputs: a NumPy array (or torch tensor), or a path/URL to CSV, Parquet, .npy, .npz (array `x`) or an
 hpcml store. Table columns are matched to the model: by name when the model records the `features` it
@@ -21,14 +23,14 @@ from typing import Any
 import numpy as np
 
 from hpcml._files import atomic_file
-from hpcml._system import available_cores
 from hpcml.errors import UsageError
 from hpcml.inference.columns import choose_columns as _choose
 from hpcml.inference.columns import schema_columns
 from hpcml.inference.columns import table_matrix as _matrix
-from hpcml.jobs.tasks import Runner, Task, attached
+from hpcml.inference.predictor import Predictor, check_workers
+from hpcml.jobs.tasks import check_backend
 
-__all__ = ["predict_parallel", "read_input", "write_output", "OUTPUT_FORMATS"]
+__all__ = ["predict_parallel", "checked_input", "read_input", "write_output", "OUTPUT_FORMATS"]
 
 OUTPUT_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
 RUNTIMES = ("torch", "onnx")
@@ -38,7 +40,7 @@ def predict_parallel(
     model_dir: Any,
     data: Any,
     *,
-    workers: int = 1,
+    workers: int | str = "auto",
     backend: str = "local",
     address: str | None = None,
     batch_size: int = 65536,
@@ -52,113 +54,66 @@ def predict_parallel(
 
     Returns class indices (into `model.classes`), class probabilities (N, C) with `probabilities=True`,
     or the predicted values of a regression model; with `output`, also writes them to that .parquet or
-    .csv file. `workers=1` on the local backend predicts in this process. `stats`, if given, is filled
-    with rows, seconds and rows_per_second. `trust_code=True` lets this process and every worker
-    import the `module:function` a model dir names (it must be importable there).
+    .csv file. `model_dir` may also be a loaded Model (this process only) or a `Predictor` (its warm
+    processes are used, and stay). On the local backend, `workers=1` predicts in this process,
+    `workers=W` on this process and W-1 warm helpers started for this call, and "auto" measures which
+    pays (hpcml.inference.predictor). `stats`, if given, is filled with rows, seconds,
+    rows_per_second, workers (used) and workers_reason. `trust_code=True` lets this process and
+    every worker import the `module:function` a model dir names (it must be importable there).
     `runtime="onnx"` predicts with ONNX Runtime (the model dir exported in memory, normalization
     folded in; needs `pip install 'hpcml[onnx]'`) instead of torch.
     """
-    from hpcml.models.io import Model
-
     t0 = time.perf_counter()
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
+    check_workers(workers)
+    check_backend(backend, address)
     out_fmt = _output_format(output) if output is not None else None
     if output is not None:
         _refuse_overwriting_input(output, data)
-    runner = Runner(workers=workers, backend=backend, address=address)  # validates the options
-    if isinstance(model_dir, Model):
-        if runtime != "torch":
-            raise UsageError("runtime='onnx' needs the model dir, not a loaded Model")
-        if workers > 1 or backend != "local":
-            raise UsageError("parallel predict needs the model dir (each worker loads it), not a Model")
-        model = model_dir
-    else:
-        if runtime == "onnx":
+    if backend == "local":
+        if runtime == "onnx" and not isinstance(model_dir, Predictor):
             from hpcml.inference.onnx_runtime import require_onnx
 
             require_onnx("onnxruntime", "onnx", "onnxscript")  # before any worker starts
-        here = runtime if workers == 1 and backend == "local" else "torch"  # workers export their own
-        # verified here first: a bad dir fails before any worker starts
-        model = _load(model_dir, runtime=here, trust_code=trust_code, threads=available_cores())
-    regression = model.meta.get("task") == "regression"
-    if probabilities and regression:
-        raise UsageError("probabilities are for classification models; this model is a regression model")
-    x, name = read_input(data, model)
-    if len(x) == 0:
-        raise UsageError(f"{name}: no rows to predict")
-
-    if workers == 1 and backend == "local":
-        import torch
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(available_cores())
+        owned = not isinstance(model_dir, Predictor)
+        predictor = (
+            Predictor(model_dir, workers=workers, runtime=runtime, trust_code=trust_code)
+            if owned
+            else model_dir
+        )
         try:
-            result = _predict(model, x, batch_size=batch_size, probabilities=probabilities)
+            x, name = checked_input(data, predictor.model, probabilities)
+            result = predictor.predict(x, batch_size=batch_size, probabilities=probabilities)
         finally:
-            torch.set_num_threads(before)
+            if owned:
+                predictor.close()
+        model, used, why = predictor.model, predictor.decision.workers, predictor.decision.reason
     else:
-        where = str(Path(model_dir).absolute())  # workers may run elsewhere (Ray has its own cwd)
-        result = _predict_sharded(
-            runner, where, x, batch_size=batch_size, probabilities=probabilities, trust_code=trust_code,
-            runtime=runtime,
+        from hpcml.jobs.predict_ray import predict_ray
+
+        model, x, name, result, used, why = predict_ray(
+            model_dir, data, workers=workers, backend=backend, address=address, batch_size=batch_size,
+            probabilities=probabilities, trust_code=trust_code, runtime=runtime,
         )  # fmt: skip
     if output is not None:
         write_output(output, result, model=model, probabilities=probabilities, fmt=out_fmt)
     if stats is not None:
         seconds = time.perf_counter() - t0
-        stats.update(rows=len(x), seconds=seconds, rows_per_second=len(x) / seconds, source=name)
+        stats.update(rows=len(x), seconds=seconds, rows_per_second=len(x) / seconds, source=name,
+                     workers=used, workers_reason=why)  # fmt: skip
     return result
 
 
-def _predict_sharded(runner: Runner, model_dir: str, x: np.ndarray, **kw: Any) -> np.ndarray:
-    from hpcml.errors import HpcmlError
-
-    bounds = np.linspace(0, len(x), runner.workers + 1).astype(int)
-    with runner:
-        shared = runner.share(np.ascontiguousarray(x))
-        tasks = [
-            Task(f"shard-{i}", "hpcml.jobs.predict:predict_shard",
-                 {"model_dir": model_dir, "data": shared, "start": int(a), "stop": int(b), **kw})
-            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)) if b > a
-        ]  # fmt: skip
-        outcomes = runner.run(tasks, retries=1)
-    failed = [o for o in outcomes.values() if not o.ok]
-    if failed:
-        raise HpcmlError(f"predict {failed[0].id} failed: {failed[0].error}")
-    return np.concatenate([outcomes[t.id].value for t in tasks])
-
-
-def predict_shard(
-    *, model_dir: str, data: Any, start: int, stop: int, batch_size: int, probabilities: bool, threads: int,
-    attempt: int, trust_code: bool = False, runtime: str = "torch",
-) -> np.ndarray:  # fmt: skip
-    """In a worker: load the model once, predict rows [start, stop) of the shared input."""
-    model = _load(model_dir, runtime=runtime, trust_code=trust_code, threads=threads)
-    with attached(data) as arr:
-        x = np.array(arr[start:stop])  # a private copy: the shared buffer can be released right away
-    return _predict(model, x, batch_size=batch_size, probabilities=probabilities)
-
-
-def _load(model_dir: Any, *, runtime: str, trust_code: bool, threads: int) -> Any:
-    """A Model (torch) or an OnnxModel (onnxruntime session with `threads` threads)."""
-    if runtime == "onnx":
-        from hpcml.inference.onnx_runtime import load_onnx
-
-        return load_onnx(model_dir, threads=threads, trust_code=trust_code)
-    from hpcml.models.io import load_model
-
-    return load_model(model_dir, trust_code=trust_code)
-
-
-def _predict(model: Any, x: np.ndarray, *, batch_size: int, probabilities: bool) -> np.ndarray:
-    """Model.predict / predict_proba: the one forward path (preprocessing, target scale), so every
-    worker and sharding gives the rows that Model.predict gives."""
-    if probabilities:
-        return model.predict_proba(x, batch_size=batch_size)
-    return model.predict(x, batch_size=batch_size)
+def checked_input(data: Any, model: Any, probabilities: bool) -> tuple[np.ndarray, str]:
+    if probabilities and model.meta.get("task") == "regression":
+        raise UsageError("probabilities are for classification models; this model is a regression model")
+    x, name = read_input(data, model)
+    if len(x) == 0:
+        raise UsageError(f"{name}: no rows to predict")
+    return x, name
 
 
 # ------------------------------------------------------------------------------------------- input

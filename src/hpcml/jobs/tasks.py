@@ -19,8 +19,6 @@ so W jobs side by side don't oversubscribe the cores.
 from __future__ import annotations
 
 import importlib
-import os
-import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -28,10 +26,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpcml._system import available_cores
-from hpcml.errors import HpcmlError, UsageError
+from hpcml._system import limit_threads, threads_per_job
+from hpcml.errors import UsageError, error_message, exit_message
 
-__all__ = ["BACKENDS", "Task", "Outcome", "Runner", "SharedArray", "attached", "threads_per_job"]
+__all__ = ["BACKENDS", "Task", "Outcome", "Runner", "SharedArray", "attached", "check_backend"]
 
 BACKENDS = ("local", "ray")
 
@@ -62,32 +60,18 @@ class Outcome:
 Event = Callable[[dict[str, Any]], None]
 
 
-def threads_per_job(workers: int) -> int:
-    return max(1, available_cores() // max(1, workers))
-
-
-def error_message(exc: BaseException) -> str:
-    """hpcml's own errors already read well; anything else keeps its type name."""
-    if isinstance(exc, HpcmlError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _limit_threads(threads: int) -> None:
-    # The env vars only matter before torch is first imported in this process (a fresh local worker);
-    # set_num_threads covers reused Ray workers too.
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
+def check_backend(backend: str, address: str | None) -> None:
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if address is not None and backend != "ray":
+        raise UsageError("--address is for the Ray backend; add --backend ray")
 
 
 def _call(fn: str, kwargs: dict[str, Any], threads: int, attempt: int) -> tuple[str, Any]:
     """Run one attempt in the worker; every error becomes ('error', message), never a traceback, or
     ('usage', message) for invalid input, which fails the same way on every attempt."""
     try:
-        _limit_threads(threads)
+        limit_threads(threads)
         module, _, name = fn.partition(":")
         func = getattr(importlib.import_module(module), name)
         return "ok", func(**kwargs, threads=threads, attempt=attempt)
@@ -127,17 +111,6 @@ def _worker(conn) -> None:
             conn.send(("error", f"the job's result could not be sent back: {error_message(exc)}"))
 
 
-def _exit_message(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = " (out of memory, or killed from outside?)" if -code == signal.SIGKILL else ""
-        return f"worker process killed by {name}{hint}"
-    return f"worker process exited with code {code} before sending a result"
-
-
 @dataclass(frozen=True)
 class SharedArray:
     """A NumPy array in shared memory, handed to local workers by name instead of copied to each."""
@@ -174,12 +147,9 @@ class Runner:
     """
 
     def __init__(self, *, workers: int = 1, backend: str = "local", address: str | None = None):
-        if backend not in BACKENDS:
-            raise UsageError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        check_backend(backend, address)
         if not isinstance(workers, int) or workers < 1:
             raise UsageError(f"workers must be a whole number >= 1, got {workers!r}")
-        if address is not None and backend != "ray":
-            raise UsageError("--address is for the Ray backend; add --backend ray")
         self.workers, self.backend, self.address = workers, backend, address
         self.threads = threads_per_job(workers)
         self._shared: list[Any] = []
@@ -290,7 +260,7 @@ class Runner:
                         status, payload = conn.recv()
                     except (EOFError, OSError):  # died without a word: killed, crashed, os._exit
                         proc.join()
-                        status, payload = "error", _exit_message(proc.exitcode)
+                        status, payload = "error", exit_message(proc.exitcode)
                     if proc.is_alive() and not conn.closed:
                         idle.append((proc, conn))
                     else:
