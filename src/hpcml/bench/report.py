@@ -78,7 +78,20 @@ def case_rows(case: dict[str, Any]) -> list[list[str]]:
         note = c.get("note", note)  # a case may word its own note (serve: latency, ratios)
         cells = [_fmt(s[k], metric) for k in ("median", "min", "max")]
         rows.append([name, contender, *cells, str(s["runs"]), note])
-    return rows
+    return rows + [_comm_row(name, r) for r in case.get("communication", [])]
+
+
+def _comm_row(name: str, r: dict[str, Any]) -> list[str]:
+    """A DDP step taken apart (bench/comm.py): its time, efficiency, communication share, options."""
+    s = r["variants"]["ddp"]
+    others = ", ".join(f"{k} {v:.2f}x" for k, v in r.get("variant_speedups", {}).items() if v)
+    note = (
+        f"vs 1 process: efficiency {r['efficiency']:.0%}; communication {r['communication_share']:.0%} of "
+        f"the step; without it {r['compute_slowdown']:.2f}x 1 process; overlap {r['overlap']:.0%}; "
+        f"speed of {others}; load {r['loadavg']:.1f}"
+    )
+    cells = [_fmt(s[k] * 1e3, "ms") for k in ("median", "min", "max")]
+    return [name, f"DDP step, batch {r['batch_size']}/rank", *cells, str(r["repeats"]), note]
 
 
 def _label(point: dict) -> str:
@@ -118,14 +131,17 @@ def busy_note(env: dict[str, Any]) -> str:
     )
 
 
-def markdown(result: dict[str, Any]) -> str:
-    def table(header: list[str], rows: list[list[str]]) -> list[str]:
-        return [
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *("| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows),
-        ]
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines ('|' inside a cell becomes '/')."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows),
+    ]
 
+
+def markdown(result: dict[str, Any]) -> str:
+    table = md_table
     lines = [
         f"# hpcml bench ({result['suite']} suite)",
         "",
