@@ -1,5 +1,5 @@
-"""DDP gradient exchange options (ddp.grad_compression, ddp.bucket_mb), with real gloo ranks on
-127.0.0.1."""
+"""DDP gradient exchange options (ddp.grad_compression, ddp.bucket_mb), the bench's communication
+measurement and the plan's local check, with real gloo ranks on 127.0.0.1."""
 
 import pytest
 import torch
@@ -64,3 +64,21 @@ def test_bf16_compression_keeps_the_loss_curve(tmp_path):
     assert exact.report["ddp"]["buckets"] == 1 and exact.report["ddp"]["bucket_mb_setting"] == "auto"
     one = hpcml.train({**BASE, "epochs": 1, "batch_size": 64}, out=tmp_path / "one")
     assert one.report["ddp"] is None  # one process: no gradient exchange to record
+
+
+def test_plan_local_check_measures_two_ranks_beside_the_projection():
+    from hpcml.bench import plan
+
+    res = plan(BASE, steps=3, repeats=1, max_ranks=4)
+    c = res["local_check"]
+    assert "skipped" not in c, c
+    m = c["measured"]
+    v = {k: s["median"] for k, s in m["variants"].items()}
+    assert set(v) == {"1 process", "ddp", "no communication"} and all(t > 0 for t in v.values())
+    assert m["communication_share"] == pytest.approx((v["ddp"] - v["no communication"]) / v["ddp"])
+    assert c["measured_efficiency"] == pytest.approx(v["1 process"] / v["ddp"])
+    link = c["link"]
+    assert link["source"] == "measured" and link["bandwidth"] > 0 and link["latency"] > 0
+    # the projection of 2 ranks on the measured link, recomputed: t_c + 1 * bytes / bw + latency * 1
+    comm = res["wire_bytes"] / link["bandwidth"] + link["latency"]
+    assert c["projected_step_seconds"] == pytest.approx(v["1 process"] + comm)
