@@ -39,7 +39,9 @@ def _bench(
             "scaling, predict, breakdown, precision, serve (default: all).",
         ),
     ] = None,
-    repeat: Annotated[int | None, typer.Option(help="Repeats per contender (default: suite's).")] = None,
+    repeat: Annotated[
+        int | None, typer.Option(help="Repeats per contender (default: suite's; --plan: 3).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON, Markdown and plots.")] = Path("runs/bench"),
     stem: Annotated[str | None, typer.Option(help="File name stem (default bench-<host>-<date>).")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: all available cores).")] = None,

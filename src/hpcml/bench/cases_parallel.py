@@ -130,8 +130,8 @@ def communication(ctx: Context) -> list[dict[str, Any]]:
     batches = ctx.suite.comm_batches
     rows = max(ctx.suite.scaling_rows, 3 * max(batches))  # 2 ranks' batches in the 95% train split
     cfg = build_config(scaling_config(rows, 1, 1))
-    results = comm.measure(cfg, world=2, batch_sizes=list(batches), variants=COMM_VARIANTS,
-                           repeats=max(3, ctx.repeat))  # fmt: skip
+    # 5 repeats: every variant starts a pass once (comm.time_variants rotates the order)
+    results = comm.measure(cfg, world=2, batch_sizes=list(batches), variants=COMM_VARIANTS, repeats=5)
     for r in results:
         ctx.log(
             f"  DDP step, batch {r['batch_size']}/rank: {r['variants']['ddp']['median'] * 1e3:.2f} ms vs 1 "

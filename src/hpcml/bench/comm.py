@@ -39,18 +39,27 @@ def measure(
     batch_sizes: list[int] | None = None,
     variants: dict[str, dict[str, Any]] | None = None,
     steps: int = 20,
-    repeats: int = 3,
+    repeats: int = 5,
 ) -> list[dict[str, Any]]:
     """`time_variants` on `world` gloo ranks on this machine, for each per-rank batch size in
-    `batch_sizes` (default: the config's); one result per batch size (rank 0's)."""
+    `batch_sizes` (default: the config's); one result per batch size (rank 0's). `steps` is for the
+    smallest batch; a k times larger one takes k times fewer (at least 5), so each costs about the same."""
+    sizes = batch_sizes or [cfg.batch_size]
     return on_ranks(
-        _sweep, cfg, world=world, batch_sizes=batch_sizes or [cfg.batch_size], variants=variants or {},
-        steps=steps, repeats=repeats,
-    )["results"]  # fmt: skip
+        _sweep, cfg, world=world, batch_sizes=sizes, variants=variants or {}, steps=steps, repeats=repeats
+    )["results"]
 
 
-def _sweep(cfg: TrainConfig, *, dist: DistInfo, batch_sizes: list[int], **kw: Any) -> dict[str, Any]:
-    results = [time_variants(cfg.model_copy(update={"batch_size": b}), dist=dist, **kw) for b in batch_sizes]
+def _sweep(
+    cfg: TrainConfig, *, dist: DistInfo, batch_sizes: list[int], steps: int, **kw: Any
+) -> dict[str, Any]:
+    smallest = min(batch_sizes)
+    results = [
+        time_variants(
+            cfg.model_copy(update={"batch_size": b}), dist=dist, steps=max(5, steps * smallest // b), **kw
+        )
+        for b in batch_sizes
+    ]
     return {"results": results}
 
 
@@ -60,10 +69,10 @@ def time_variants(
     dist: DistInfo | None = None,
     variants: dict[str, dict[str, Any]] | None = None,
     steps: int = 20,
-    repeats: int = 3,
+    repeats: int = 5,
 ) -> dict[str, Any]:
     """Seconds per step of each variant (see the module doc), medians over `repeats` interleaved
-    passes of `steps` steps after one untimed pass; with one rank, only "1 process"."""
+    passes of `steps` steps (in rotated order) after one untimed pass; with one rank, only "1 process"."""
     import torch.distributed as tdist
 
     from hpcml.training.optim import build_optimizer
@@ -87,9 +96,11 @@ def time_variants(
         }
         batches = steps_forever(run.batches)
         seconds: dict[str, list[float]] = {k: [] for k in models}
+        names = list(models)
         for rep in range(-1, repeats):  # -1: untimed (allocation, DDP's bucket rebuild at step 2)
-            for name, model in models.items():
-                alone = name == "1 process"
+            # each pass starts one variant later, so none always runs first or last in a pass
+            for name in names[max(rep, 0) % len(names) :] + names[: max(rep, 0) % len(names)]:
+                model, alone = models[name], name == "1 process"
                 t = _timed(run, model, optimizers[name], batches, steps, skip=alone and not info.is_main)
                 if several:
                     tdist.barrier()  # the next variant starts on every rank together

@@ -83,12 +83,18 @@ def case_rows(case: dict[str, Any]) -> list[list[str]]:
 
 def _comm_row(name: str, r: dict[str, Any]) -> list[str]:
     """A DDP step taken apart (bench/comm.py): its time, efficiency, communication share, options."""
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.0%}"
+
     s = r["variants"]["ddp"]
     others = ", ".join(f"{k} {v:.2f}x" for k, v in r.get("variant_speedups", {}).items() if v)
+    slow = r.get("compute_slowdown")
     note = (
-        f"vs 1 process: efficiency {r['efficiency']:.0%}; communication {r['communication_share']:.0%} of "
-        f"the step; without it {r['compute_slowdown']:.2f}x 1 process; overlap {r['overlap']:.0%}; "
-        f"speed of {others}; load {r['loadavg']:.1f}"
+        f"vs 1 process: efficiency {pct(r.get('efficiency'))}; communication "
+        f"{pct(r.get('communication_share'))} of the step; without it "
+        f"{'n/a' if slow is None else f'{slow:.2f}x'} 1 process; overlap {pct(r.get('overlap'))}; "
+        f"speed of {others or 'no variants'}; load {r['loadavg']:.1f}"
     )
     cells = [_fmt(s[k] * 1e3, "ms") for k in ("median", "min", "max")]
     return [name, f"DDP step, batch {r['batch_size']}/rank", *cells, str(r["repeats"]), note]
