@@ -82,3 +82,4 @@ def test_plan_local_check_measures_two_ranks_beside_the_projection():
     # the projection of 2 ranks on the measured link, recomputed: t_c + 1 * bytes / bw + latency * 1
     comm = res["wire_bytes"] / link["bandwidth"] + link["latency"]
     assert c["projected_step_seconds"] == pytest.approx(v["1 process"] + comm)
+    assert c["projected_from_2_ranks_compute_seconds"] == pytest.approx(v["no communication"] + comm)

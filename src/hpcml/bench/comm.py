@@ -9,8 +9,9 @@ from the same run:
 - "no communication": the same DDP with a hook that sends nothing: the step without its all-reduce;
 - named variants: the DDP model with other `DDPConfig` fields (bf16 compression, bucket sizes).
 
-communication share = (t(ddp) - t(no communication)) / t(ddp): the all-reduce time the step exposes.
-overlap = 1 - exposed / (the all-reduce of the gradient bytes alone): how much of it backward hid.
+communication share = (t(ddp) - t(no communication)) / t(ddp): what the gradient exchange adds to the
+step (see `derived`). Overlap is checked two ways: the share of the all-reduce alone that the step hid,
+and DDP with small buckets (whose all-reduces can start during backward) against one bucket.
 """
 
 from __future__ import annotations
@@ -180,7 +181,13 @@ def _all_reduce_link(grad_bytes: int, *, repeats: int) -> dict[str, Any]:
 
 
 def derived(r: dict[str, Any]) -> dict[str, Any]:
-    """Efficiency, communication share and overlap from a `time_variants` result."""
+    """Efficiency, communication share and overlap from a `time_variants` result.
+
+    exposed = t(ddp) - t(no communication): what the gradient exchange adds to a step. Beyond the
+    all-reduce alone it holds the wait for the slower rank (the no-communication ranks never wait for
+    each other), which grows with the step on a machine whose cores other processes also use. overlap
+    = the share of the all-reduce alone that the step hid (0 when the step exposed all of it or more).
+    """
     v = {k: s["median"] for k, s in r["variants"].items()}
     one, ddp, quiet = v.get("1 process"), v.get("ddp"), v.get("no communication")
     if ddp is None or quiet is None:
@@ -192,8 +199,10 @@ def derived(r: dict[str, Any]) -> dict[str, Any]:
     return {
         "efficiency": ratio(one, ddp),
         "communication_share": exposed / ddp,
+        "exposed_seconds": exposed,
+        "beyond_all_reduce_seconds": max(0.0, exposed - alone) if alone else None,
         "compute_slowdown": ratio(quiet, one),  # ranks sharing cores, memory and caches, no traffic
         "all_reduce_share": ratio(alone, ddp),  # the all-reduce alone, if nothing overlapped it
-        "overlap": 1 - exposed / alone if alone else None,
+        "overlap": min(1.0, max(0.0, 1 - exposed / alone)) if alone else None,
         "variant_speedups": {k: ratio(ddp, s) for k, s in v.items() if k not in BASE},
     }

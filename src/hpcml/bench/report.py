@@ -93,7 +93,9 @@ def _comm_row(name: str, r: dict[str, Any]) -> list[str]:
     note = (
         f"vs 1 process: efficiency {pct(r.get('efficiency'))}; communication "
         f"{pct(r.get('communication_share'))} of the step; without it "
-        f"{'n/a' if slow is None else f'{slow:.2f}x'} 1 process; overlap {pct(r.get('overlap'))}; "
+        f"{'n/a' if slow is None else f'{slow:.2f}x'} 1 process; all-reduce alone "
+        f"{r['all_reduce']['fp32_seconds'] * 1e3:.1f} ms, exposed {r.get('exposed_seconds', 0) * 1e3:.1f} "
+        f"ms, overlap {pct(r.get('overlap'))}; "
         f"speed of {others or 'no variants'}; load {r['loadavg']:.1f}"
     )
     cells = [_fmt(s[k] * 1e3, "ms") for k in ("median", "min", "max")]
