@@ -135,6 +135,7 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     "  hpcml train --resume runs/long                         # continue after a crash, bit-exact\n\n"
     "  hpcml train --resume runs/long --epochs 60             # more epochs (constant schedule only)\n\n"
     "  hpcml train --nproc 2 --batch-size 50                  # data parallel, 2 ranks x 50 = global 100\n\n"
+    "  hpcml train --nproc 2 --grad-compression bf16 --bucket-mb 8   # all-reduce bf16 in 8 MB buckets\n\n"
     "  hpcml train --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500 --nproc 8   # on each node\n\n"
     "  torchrun --nproc-per-node 2 -m hpcml train --out runs/t    # ranks from torchrun (or srun)\n\n"
     "  hpcml train --log tensorboard --log mlflow            # also log to TensorBoard and MLflow\n\n"
@@ -232,6 +233,13 @@ def train(
     nproc: Annotated[
         int, typer.Option(help="Data-parallel ranks on this node (torch.distributed, gloo/NCCL).")
     ] = 1,
+    grad_compression: Annotated[
+        str | None,
+        typer.Option(help="DDP: all-reduce gradients as none (fp32, exact; default), bf16 or fp16."),
+    ] = None,
+    bucket_mb: Annotated[
+        str | None, typer.Option(help="DDP: all-reduce bucket size in MB, or auto (from the gradient bytes).")
+    ] = None,
     nnodes: Annotated[int, typer.Option(help="Number of nodes (machines) in the job.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's index, 0..nnodes-1.")] = 0,
     rdzv_endpoint: Annotated[
@@ -313,6 +321,8 @@ def train(
         "device": device,
         "threads": threads,
         "grad_accum": grad_accum,
+        "ddp.grad_compression": grad_compression,
+        "ddp.bucket_mb": bucket_mb,
         "checkpoint.every": checkpoint_every,
         "checkpoint.keep": keep_checkpoints,
         "log": [n.strip() for v in log for n in v.split(",")] if log else None,

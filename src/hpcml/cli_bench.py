@@ -23,7 +23,9 @@ HELP = (
     "  hpcml bench --suite full --out benchmarks/results\n\n"
     "  hpcml bench --cases time-to-accuracy,mfu --repeat 5 --json\n\n"
     "  hpcml bench --cases serve               # hpcml serve vs a naive FastAPI endpoint (+ LitServe)\n\n"
-    "  hpcml bench --doctor runs/X/config.yaml     # where does the step time go?"
+    "  hpcml bench --doctor runs/X/config.yaml     # where does the step time go?\n\n"
+    "  hpcml bench --plan                      # DDP at 2..1024 ranks: the bench's data-parallel MLP\n\n"
+    "  hpcml bench --plan --config runs/X/config.yaml --link ib=200Gb/s@2us --overlap 0.5"
 )
 
 
@@ -37,7 +39,9 @@ def _bench(
             "scaling, predict, breakdown, precision, serve (default: all).",
         ),
     ] = None,
-    repeat: Annotated[int | None, typer.Option(help="Repeats per contender (default: suite's).")] = None,
+    repeat: Annotated[
+        int | None, typer.Option(help="Repeats per contender (default: suite's; --plan: 3).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON, Markdown and plots.")] = Path("runs/bench"),
     stem: Annotated[str | None, typer.Option(help="File name stem (default bench-<host>-<date>).")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: all available cores).")] = None,
@@ -46,7 +50,33 @@ def _bench(
         Path | None,
         typer.Option(help="Instead of the suite: break down the step time of this run config (YAML)."),
     ] = None,
-    steps: Annotated[int, typer.Option(help="--doctor: steps to time.")] = 30,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="Instead of the suite: measure a config's compute per step and gradient bytes, and "
+            "project data-parallel step time and efficiency at 2..--max-ranks ranks for each --link.",
+        ),
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option(help="--plan: the run config (YAML; default: the bench's DDP case).")
+    ] = None,
+    link: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="--plan: NAME=BANDWIDTH@LATENCY (repeatable, replaces the defaults 10GbE, 25GbE, "
+            "100GbE RDMA, NVLink), e.g. ib=200Gb/s@2us or nvlink=300GB/s@5us (Gb bits, GB bytes).",
+        ),
+    ] = None,
+    overlap: Annotated[
+        float, typer.Option(help="--plan: share of the compute that hides communication, 0 (none) to 1.")
+    ] = 0.0,
+    max_ranks: Annotated[int, typer.Option(help="--plan: project 2, 4, ... up to this many ranks.")] = 1024,
+    check_local: Annotated[
+        bool,
+        typer.Option(help="--plan: also run 2 gloo ranks here and compare with the projection."),
+    ] = True,
+    steps: Annotated[int, typer.Option(help="--doctor, --plan: steps to time.")] = 30,
     nproc: Annotated[int, typer.Option(help="--doctor: processes the config runs with.")] = 1,
     json_: Annotated[
         bool, typer.Option("--json", help="Print the result JSON on stdout (only that).")
@@ -55,6 +85,17 @@ def _bench(
     from rich.console import Console
 
     err = Console(stderr=True)
+    if plan:
+        from hpcml.bench import plan as run_plan
+        from hpcml.bench.planner import parse_link
+
+        links = [parse_link(spec) for spec in link] if link else None
+        result = run_plan(
+            config, links=links, overlap=overlap, max_ranks=max_ranks, steps=steps, repeats=repeat or 3,
+            check_local=check_local,
+        )  # fmt: skip
+        _show_plan(result, out=out, stem=stem, json_=json_)
+        return
     if doctor is not None:
         from hpcml.bench import doctor as run_doctor
 
@@ -84,6 +125,32 @@ def _bench(
     console = Console(width=None if Console().is_terminal else 160)
     console_table(result, console)
     for f in result.get("files", []):
+        typer.echo(f"wrote {f}")
+
+
+def _show_plan(result: dict, *, out: Path, stem: str | None, json_: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from hpcml.bench import default_stem
+    from hpcml.bench.planner import summary_lines, table, write
+
+    files = write(result, out, stem or default_stem("plan"))
+    if json_:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console = Console(width=None if Console().is_terminal else 160)
+    header, rows = table(result)
+    t = Table(title=Text("hpcml bench --plan: data-parallel projection"), title_justify="left")
+    for h in header:
+        t.add_column(h, justify="right")
+    for row in rows:
+        t.add_row(*map(Text, row))
+    console.print(t)
+    for line in summary_lines(result):
+        console.print(Text(line))
+    for f in files:
         typer.echo(f"wrote {f}")
 
 

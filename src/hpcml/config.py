@@ -19,6 +19,7 @@ __all__ = [
     "CallbackSpec",
     "CheckpointConfig",
     "DataConfig",
+    "DDPConfig",
     "ModelConfig",
     "OptimConfig",
     "ServeConfig",
@@ -150,6 +151,36 @@ class CheckpointConfig(_Strict):
         return int(self.every), "step"
 
 
+class DDPConfig(_Strict):
+    """How data-parallel ranks exchange gradients (DDP; ignored by a run of one process).
+
+    `grad_compression`: none keeps the all-reduce in fp32, so a DDP run computes what one process with
+    the global batch computes; bf16/fp16 halve the bytes sent (DDP's compression hooks) and round the
+    averaged gradients. `bucket_mb`: DDP's all-reduce bucket size; auto sizes it from the model's
+    gradient bytes (`hpcml.distributed.dist.bucket_mb`)."""
+
+    grad_compression: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="all-reduce gradients as fp32 (none), bf16 or fp16"
+    )
+    bucket_mb: float | Literal["auto"] = Field(
+        "auto", description="all-reduce bucket size in MB; auto: from the model's gradient bytes"
+    )
+
+    @field_validator("bucket_mb", mode="before")
+    @classmethod
+    def _bucket(cls, v: Any) -> float | str:
+        text = str(v).strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            mb = float(text)
+        except ValueError:
+            mb = float("nan")
+        if not 0 < mb <= 1024 or isinstance(v, bool):
+            raise ValueError("expected auto or a size in MB in (0, 1024]")
+        return mb
+
+
 class CallbackSpec(_Strict):
     """A callback class by spec, `module:Class` (built with `kwargs`), so a config can carry it to every
     rank of a data-parallel job and to every job of a sweep. Like a model spec it names code: the
@@ -182,6 +213,7 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
     device: str = "auto"
+    ddp: DDPConfig = Field(default_factory=DDPConfig)
     threads: int | None = Field(
         None,
         gt=0,

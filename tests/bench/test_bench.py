@@ -263,6 +263,10 @@ def test_quick_suite_smoke(cli, tmp_path):
     assert cases["mfu"]["flops_per_step"] > 0 and cases["mfu"]["measured_peak_flops"] > 0
     if available_cores() >= 2:
         assert [p["procs"] for p in cases["scaling"]["curve"]][:2] == [1, 2]
+        comm = cases["scaling"]["communication"][0]
+        v = {k: s["median"] for k, s in comm["variants"].items()}
+        assert set(v) == {"1 process", "ddp", "no communication", "bf16 compression", "1 MB buckets"}
+        assert comm["communication_share"] == pytest.approx((v["ddp"] - v["no communication"]) / v["ddp"])
         assert "DDP 2 ranks x 1 thread, gloo (case 4)" in cases["breakdown"]["configs"]
     goals = result["goals"]
     precision = cases["precision"]
@@ -277,9 +281,9 @@ def test_quick_suite_smoke(cli, tmp_path):
     busy = cases["busy"]
     if busy["status"] == "ok":
         assert {c["threads"][0] for k, c in busy["contenders"].items() if k.endswith("1 thread")} == {1}
-    assert len(goals) == 8 + 3 + 3 + 2 * (busy["status"] == "ok") + 4 * (
-        cases["compress"]["status"] == "ok"
-    ) + 4 * (cases["predict"]["status"] == "ok") and all(
+    assert len(goals) == 8 + 3 + 3 + (cases["scaling"]["status"] == "ok") + 2 * (
+        busy["status"] == "ok"
+    ) + 4 * (cases["compress"]["status"] == "ok") + 4 * (cases["predict"]["status"] == "ok") and all(
         {"goal", "target", "value", "met", "note", "case"} <= set(g) for g in goals
     )
 

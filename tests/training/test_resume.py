@@ -183,3 +183,16 @@ def test_elastic_restart_resumes_and_matches_uninterrupted(tmp_path, cfg):
     assert run.report["resumed_from_step"] == 10 and run.report["restarts"] == 1
     assert run.report["steps"] == 24 and run.report["world_size"] == 2
     _assert_equal_weights(run.dir, ref.dir)
+
+
+def test_a_config_field_added_after_the_checkpoint_counts_at_its_default(tmp_path):
+    """A checkpoint written before `ddp.*` existed resumes when those fields are at their defaults."""
+    from hpcml.config import TrainConfig
+    from hpcml.training.resume import check_config_unchanged
+
+    now = TrainConfig().model_dump(mode="json")
+    saved = {k: v for k, v in now.items() if k != "ddp"}
+    check_config_unchanged(saved, now, where=tmp_path / "config.yaml")
+    changed = {**now, "ddp": {**now["ddp"], "grad_compression": "bf16"}}
+    with pytest.raises(hpcml.UsageError, match=r"ddp\.grad_compression 'none' -> 'bf16'"):
+        check_config_unchanged(saved, changed, where=tmp_path / "config.yaml")

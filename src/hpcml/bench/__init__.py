@@ -4,6 +4,7 @@
     result = bench(suite="quick", out="runs/bench")      # writes JSON, Markdown and plots there
     print(result["goals"])
     doctor("runs/X/config.yaml")["hints"]
+    plan("runs/X/config.yaml")["projections"]["25GbE"]   # efficiency at 2..1024 ranks
 
 Cases (each reports hpcml and its baselines in the same run, as ratios): time-to-accuracy,
 throughput, mfu, scaling, predict, breakdown, precision, busy, compress, serve (HTTP), images. Method: untimed
@@ -25,7 +26,7 @@ from typing import Any
 
 from hpcml.errors import UsageError
 
-__all__ = ["bench", "benchmark", "doctor", "CASES", "SUITE_NAMES"]
+__all__ = ["bench", "benchmark", "doctor", "plan", "CASES", "SUITE_NAMES"]
 
 CASES = (
     "time-to-accuracy",
@@ -48,6 +49,13 @@ def doctor(config: Any, *, steps: int = 30, nproc: int = 1) -> dict[str, Any]:
     from hpcml.bench.doctor import doctor as _doctor
 
     return _doctor(config, steps=steps, nproc=nproc)
+
+
+def plan(config: Any = None, **kwargs: Any) -> dict[str, Any]:
+    """Data-parallel projection of a run config at 2..1024 ranks (see `hpcml.bench.planner.plan`)."""
+    from hpcml.bench.planner import plan as _plan
+
+    return _plan(config, **kwargs)
 
 
 def parse_cases(names: Iterable[str] | None) -> list[str]:
@@ -82,9 +90,9 @@ def environment(threads: int, device: str) -> dict[str, Any]:
     }
 
 
-def default_stem() -> str:
+def default_stem(kind: str = "bench") -> str:
     host = re.sub(r"[^A-Za-z0-9-]+", "-", platform.node()).strip("-") or "machine"
-    return f"bench-{host}-{datetime.now(UTC).date().isoformat()}"
+    return f"{kind}-{host}-{datetime.now(UTC).date().isoformat()}"
 
 
 def bench(

@@ -14,8 +14,10 @@ import itertools
 import json
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,18 +26,18 @@ from hpcml.bench.timers import now
 from hpcml.config import TrainConfig
 from hpcml.distributed.dist import DistInfo
 
+if TYPE_CHECKING:
+    from hpcml.training.build import Components
+
 PHASES = ("data", "forward", "backward", "optimizer", "communication")
 
 
-def _steps_forever(batches):
-    for epoch in itertools.count():
-        yield from batches.epoch(epoch)
-
-
-def measure(cfg: TrainConfig, *, steps: int, warmup: int = 3, dist: DistInfo | None = None) -> dict[str, Any]:
-    """Time `steps` training steps of `cfg` phase by phase (after `warmup` untimed steps)."""
+@contextmanager
+def prepared(cfg: TrainConfig, *, steps: int, dist: DistInfo | None = None) -> Iterator[Components]:
+    """`cfg` built as `hpcml train` builds it (training.build.build), but eager: the phases of a
+    compiled graph cannot be timed apart. Torch threads are set as the run would set them while the
+    block runs. The process group of a `dist` of several ranks is already initialized."""
     from hpcml.data.sources import load_dataset
-    from hpcml.training import loop
     from hpcml.training.build import build, step_flops
     from hpcml.training.precision import detect
     from hpcml.training.run import resolve_model_name
@@ -46,7 +48,7 @@ def measure(cfg: TrainConfig, *, steps: int, warmup: int = 3, dist: DistInfo | N
     hw = detect(
         device=cfg.device,
         precision=cfg.precision,
-        compile="off",  # phases of a compiled graph cannot be timed apart; eager is what is measured
+        compile="off",
         threads=cfg.threads,
         steps=steps,
         step_flops=step_flops(cfg, data, world_size=info.world_size),
@@ -58,7 +60,18 @@ def measure(cfg: TrainConfig, *, steps: int, warmup: int = 3, dist: DistInfo | N
     threads_before = torch.get_num_threads()
     torch.set_num_threads(hw.threads)
     try:
-        run = build(cfg, data, hw, info)  # the parts `hpcml train` builds, from the same function
+        yield build(cfg, data, hw, info)  # the parts `hpcml train` builds, from the same function
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def measure(cfg: TrainConfig, *, steps: int, warmup: int = 3, dist: DistInfo | None = None) -> dict[str, Any]:
+    """Time `steps` training steps of `cfg` phase by phase (after `warmup` untimed steps)."""
+    from hpcml.training import loop
+
+    info = dist or DistInfo()
+    with prepared(cfg, steps=steps, dist=info) as run:
+        cfg, hw, data = run.cfg, run.hw, run.data
         dev, module, batches, amp = hw.device, run.module, run.batches, run.amp
         optimizer, schedule, loss_fn = run.optimizer, run.schedule, run.train_loss
         params = [p for p in module.parameters() if p.requires_grad]
@@ -66,7 +79,7 @@ def measure(cfg: TrainConfig, *, steps: int, warmup: int = 3, dist: DistInfo | N
         flops = train_step_flops(module, first.x, first.y, loss_fn) * cfg.grad_accum
 
         totals = dict.fromkeys(PHASES, 0.0)
-        it = _steps_forever(batches)
+        it = steps_forever(batches)
         for i in range(warmup + steps):
             t0 = now(dev)
             micro = next(it)
@@ -115,8 +128,6 @@ def measure(cfg: TrainConfig, *, steps: int, warmup: int = 3, dist: DistInfo | N
                     torch.cuda.set_sync_debug_mode(0)
             loop_seconds = now(dev) - t0
             syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    finally:
-        torch.set_num_threads(threads_before)
 
     phase_sum = sum(totals.values())
     per_step = loop_seconds / steps
@@ -159,27 +170,40 @@ def _all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
         offset += g.numel()
 
 
-def _rank_main(rank: int, world: int, port: int, cfg_json: str, steps: int, out: str) -> None:
+def steps_forever(batches):
+    """The steps of epoch 0, 1, 2, ... without end (timing loops take as many as they need)."""
+    for epoch in itertools.count():
+        yield from batches.epoch(epoch)
+
+
+def _rank_main(rank: int, world: int, port: int, fn: Callable, cfg_json: str, kwargs: dict, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         cfg = TrainConfig.model_validate_json(cfg_json)
-        result = measure(cfg, steps=steps, dist=DistInfo(rank, world, rank, world))
+        result = fn(cfg, dist=DistInfo(rank, world, rank, world), **kwargs)
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
-def measure_ddp(cfg: TrainConfig, *, steps: int, world: int) -> dict[str, Any]:
-    """`measure` on `world` gloo ranks on this machine (127.0.0.1); rank 0's result."""
+def on_ranks(fn: Callable, cfg: TrainConfig, *, world: int, **kwargs: Any) -> dict[str, Any]:
+    """`fn(cfg, dist=DistInfo, **kwargs)` on `world` gloo ranks on this machine (127.0.0.1, spawned
+    processes; `fn` a module-level function returning JSON); rank 0's result."""
     import torch.multiprocessing as mp
 
     from hpcml.launch.elastic import free_port
 
-    with tempfile.TemporaryDirectory(prefix="hpcml-breakdown-") as tmp:
-        mp.spawn(_rank_main, args=(world, free_port(), cfg.model_dump_json(), steps, tmp), nprocs=world)
+    with tempfile.TemporaryDirectory(prefix="hpcml-ranks-") as tmp:
+        args = (world, free_port(), fn, cfg.model_dump_json(), kwargs, tmp)
+        mp.spawn(_rank_main, args=args, nprocs=world)
         return json.loads(Path(tmp, "rank0.json").read_text())
+
+
+def measure_ddp(cfg: TrainConfig, *, steps: int, world: int) -> dict[str, Any]:
+    """`measure` on `world` gloo ranks on this machine (127.0.0.1); rank 0's result."""
+    return on_ranks(measure, cfg, world=world, steps=steps)
 
 
 def breakdown_case(ctx) -> dict[str, Any]:

@@ -36,11 +36,12 @@ class Suite:
     scaling_epochs: int
     predict_rows: int
     breakdown_steps: int
+    comm_batches: tuple[int, ...] = (512,)  # per-rank batches of the DDP communication measurement
 
 
 SUITES = {
     "quick": Suite("quick", 1, 60, 2, 8192, 1, 16384, 1, 1_000_000, 20),
-    "full": Suite("full", 3, 60, 5, 32768, 2, 65536, 2, 1_000_000, 60),
+    "full": Suite("full", 3, 60, 5, 32768, 2, 65536, 2, 1_000_000, 60, (512, 2048, 8192)),
 }
 
 
@@ -76,17 +77,20 @@ class Context:
             return hpcml.train(cfg, out=Path(tmp) / "run", quiet=True, nproc=nproc)
 
 
-def goal(label: str, value: float | None, target: float, *, limit: str, unit: str = "x") -> dict[str, Any]:
-    """A goal from the issue, checked against a measured ratio; a miss says by how much and why."""
+def goal(
+    label: str, value: float | None, target: float, *, limit: str, unit: str = "x", at_most: bool = False
+) -> dict[str, Any]:
+    """A goal from the issue, checked against a measured ratio (>= target, or <= with `at_most`); a
+    miss says by how much and why."""
     if value is None:
         met, note = None, "not measured (a contender was skipped or never reached the target)"
-    elif value >= target:
-        met, note = True, f"met: {value:.2f}{unit} >= {target:g}{unit}"
+    elif (value <= target) if at_most else (value >= target):
+        met, note = True, f"met: {value:.2f}{unit} {'<=' if at_most else '>='} {target:g}{unit}"
     else:
         met = False
-        note = (
-            f"missed by {1 - value / target:.0%} ({value:.2f}{unit} < {target:g}{unit}); limited by: {limit}"
-        )
+        by = value / target - 1 if at_most else 1 - value / target
+        sign = ">" if at_most else "<"
+        note = f"missed by {by:.0%} ({value:.2f}{unit} {sign} {target:g}{unit}); limited by: {limit}"
     return {"goal": label, "target": target, "value": value, "met": met, "note": note}
 
 

@@ -78,7 +78,28 @@ def case_rows(case: dict[str, Any]) -> list[list[str]]:
         note = c.get("note", note)  # a case may word its own note (serve: latency, ratios)
         cells = [_fmt(s[k], metric) for k in ("median", "min", "max")]
         rows.append([name, contender, *cells, str(s["runs"]), note])
-    return rows
+    return rows + [_comm_row(name, r) for r in case.get("communication", [])]
+
+
+def _comm_row(name: str, r: dict[str, Any]) -> list[str]:
+    """A DDP step taken apart (bench/comm.py): its time, efficiency, communication share, options."""
+
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.0%}"
+
+    s = r["variants"]["ddp"]
+    others = ", ".join(f"{k} {v:.2f}x" for k, v in r.get("variant_speedups", {}).items() if v)
+    slow = r.get("compute_slowdown")
+    note = (
+        f"vs 1 process: efficiency {pct(r.get('efficiency'))}; communication "
+        f"{pct(r.get('communication_share'))} of the step; without it "
+        f"{'n/a' if slow is None else f'{slow:.2f}x'} 1 process; all-reduce alone "
+        f"{r['all_reduce']['fp32_seconds'] * 1e3:.1f} ms, exposed {r.get('exposed_seconds', 0) * 1e3:.1f} "
+        f"ms, overlap {pct(r.get('overlap'))}; "
+        f"speed of {others or 'no variants'}; load {r['loadavg']:.1f}"
+    )
+    cells = [_fmt(s[k] * 1e3, "ms") for k in ("median", "min", "max")]
+    return [name, f"DDP step, batch {r['batch_size']}/rank", *cells, str(r["repeats"]), note]
 
 
 def _label(point: dict) -> str:
@@ -118,14 +139,17 @@ def busy_note(env: dict[str, Any]) -> str:
     )
 
 
-def markdown(result: dict[str, Any]) -> str:
-    def table(header: list[str], rows: list[list[str]]) -> list[str]:
-        return [
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *("| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows),
-        ]
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines ('|' inside a cell becomes '/')."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows),
+    ]
 
+
+def markdown(result: dict[str, Any]) -> str:
+    table = md_table
     lines = [
         f"# hpcml bench ({result['suite']} suite)",
         "",

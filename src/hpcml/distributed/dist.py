@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from hpcml.config import DDPConfig
 from hpcml.errors import UsageError
 
 # A collective that waits longer than this fails instead of hanging (a peer died mid-step, say).
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+DEFAULT_BUCKET_MB = 25  # DDP's own default (after a 1 MiB first bucket)
+AUTO_ONE_BUCKET_MB = 25  # bucket_mb auto on a CPU: gradients up to this size go in one bucket
+COMPRESSION_REASON = (
+    "default: the fp32 all-reduce keeps a DDP run equal to one process with the global batch; bf16 "
+    "compression measured no faster on gloo on a 2-core CPU (`hpcml bench --cases scaling`)"
+)
 
 
 @dataclass(frozen=True)
@@ -107,12 +116,85 @@ def init_process_group(info: DistInfo, device: torch.device) -> None:
     )
 
 
-def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel with bucketed all-reduce overlapping backward (default 25 MB buckets)."""
+def gradient_bytes(module: nn.Module) -> int:
+    """Bytes of the gradients one optimizer step all-reduces (trainable parameters, their dtype)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+
+
+def bucket_mb(cfg: DDPConfig, grad_bytes: int, device_type: str = "cpu") -> float | None:
+    """The all-reduce bucket size (MiB) for `cfg.bucket_mb`; None: DDP's default (a 1 MiB first
+    bucket, then 25 MiB), which overlaps the all-reduce with backward on GPUs (NCCL).
+
+    auto on a CPU (gloo): one bucket for gradients up to AUTO_ONE_BUCKET_MB. There the all-reduce
+    takes CPU time from the cores that run backward, so overlap hides little, while every extra bucket
+    is one more collective and its latency.
+    """
+    if cfg.bucket_mb != "auto":
+        return float(cfg.bucket_mb)
+    mb = grad_bytes / 2**20
+    if device_type == "cuda" or mb > AUTO_ONE_BUCKET_MB:
+        return None
+    return float(math.ceil(mb * 1.01))  # a little headroom: DDP closes a bucket once it reaches the cap
+
+
+def _noop_hook(_state, bucket):  # no annotations: DDP checks them as objects, these would be strings
+    """Sends nothing: each rank keeps its own gradients. For timing a step without communication."""
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def _bf16_on_gloo(state, bucket):
+    """torch's bf16_compress_hook under another name: DDP refuses that name without CUDA and NCCL
+    >= 2.10 (older NCCL has no bf16), a check meant for NCCL. gloo sums bf16 tensors itself."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return default_hooks.bf16_compress_hook(state, bucket)
+
+
+def wrap_ddp(
+    module: nn.Module, device: torch.device, cfg: DDPConfig | None = None, *, no_communication: bool = False
+) -> nn.Module:
+    """DistributedDataParallel with bucketed all-reduce overlapping backward, its buckets sized and its
+    gradients compressed as `cfg` says. `no_communication` (the bench's no-op hook) skips the all-reduce,
+    to time the step without it; training never sets it."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
+    cfg = cfg or DDPConfig()
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
+    ddp = DistributedDataParallel(
+        module, device_ids=ids, gradient_as_bucket_view=True,
+        bucket_cap_mb=bucket_mb(cfg, gradient_bytes(module), device.type),
+    )  # fmt: skip
+    hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+    if device.type == "cpu":
+        hooks["bf16"] = _bf16_on_gloo
+    hook = _noop_hook if no_communication else hooks.get(cfg.grad_compression)
+    if hook is not None:
+        ddp.register_comm_hook(None, hook)  # None: the default process group
+    return ddp
+
+
+def ddp_summary(step_model: nn.Module, cfg: DDPConfig) -> dict[str, Any]:
+    """What report.json records of a DDP run's gradient exchange: the choices and the buckets built."""
+    ddp = getattr(step_model, "_orig_mod", step_model)  # under torch.compile
+    try:  # DDP's own record of its buckets (what its logger reports), in bytes: "1234,5678"
+        sizes = str(ddp._get_ddp_logging_data().get("bucket_sizes", ""))
+        buckets: int | None = len([b for b in sizes.split(",") if b.strip()])
+    except (AttributeError, RuntimeError):
+        buckets = None
+    grad = gradient_bytes(ddp.module)
+    size = bucket_mb(cfg, grad, next(ddp.module.parameters()).device.type)
+    exact = cfg.grad_compression == "none"
+    return {
+        "grad_compression": cfg.grad_compression,
+        "grad_compression_reason": COMPRESSION_REASON if exact else "set in the config",
+        "bucket_mb": size if size is not None else f"DDP default ({DEFAULT_BUCKET_MB}, first bucket 1)",
+        "bucket_mb_setting": cfg.bucket_mb,
+        "buckets": buckets,
+        "gradient_bytes": grad,
+    }
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,7 @@ def build(
     module = make_module(cfg, data, model).to(dev)
     if hw.channels_last:
         module = module.to(memory_format=torch.channels_last)
-    step_model: nn.Module = pdist.wrap_ddp(module, dev) if info.world_size > 1 else module
+    step_model: nn.Module = pdist.wrap_ddp(module, dev, cfg.ddp) if info.world_size > 1 else module
     if hw.compile:
         step_model = torch.compile(step_model)
     optimizer = build_optimizer(module.parameters(), cfg.optim, device=dev)

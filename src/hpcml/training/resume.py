@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from hpcml.config import CheckpointConfig
+from hpcml.config import CheckpointConfig, TrainConfig
 from hpcml.errors import HpcmlError, UsageError
 from hpcml.training.callbacks import Callback
 from hpcml.training.checkpoint import (
@@ -82,6 +82,9 @@ def check_config_unchanged(saved: dict[str, Any] | None, now: dict[str, Any], *,
     if saved is None:  # a checkpoint from before hpcml recorded its config: nothing to compare
         return
     a, b = _flat(saved), _flat(now)
+    # a field added to the config after the checkpoint was written counts as unchanged at its default
+    defaults = _flat(TrainConfig().model_dump(mode="json"))
+    a.update({k: defaults[k] for k in b.keys() - a.keys() if k in defaults})
     changed = [
         k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k) and not k.startswith(_FREE_TO_CHANGE)
     ]

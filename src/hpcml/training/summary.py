@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 import hpcml
+from hpcml.distributed.dist import ddp_summary
 from hpcml.models.io import Model, save_model
 from hpcml.training.callbacks import Callback
 from hpcml.training.precision import cpu_name
@@ -140,6 +141,7 @@ def write_results(run, state, *, run_dir, ckpt, key, t_wall):
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "backend": ("nccl" if dev.type == "cuda" else "gloo") if ddp else None,
+        "ddp": ddp_summary(run.step_model, cfg.ddp) if ddp else None,
         "precision": hw.precision,
         "precision_reason": hw.precision_reason,
         "compile": hw.compile,
