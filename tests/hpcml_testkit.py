@@ -83,3 +83,22 @@ class JobFault(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.action == "fail-always":
             raise RuntimeError("injected job failure")
+
+
+class RecordPlacement(Callback):
+    """Append where each rank trains to `path` (JSON lines: rank, attempt, Ray node id, pid)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, run, state) -> None:
+        import ray
+
+        row = {
+            "rank": run.dist.rank,
+            "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 import hpcml
-from hpcml.config import DataConfig, TrainConfig, build_config
+from hpcml.config import DataConfig, RayLaunchConfig, TrainConfig, build_config, format_validation_error
 from hpcml.distributed.dist import launcher_env
 from hpcml.inference.predictor import shared_predictor
 from hpcml.models.io import Model, load_model
@@ -115,6 +116,10 @@ def train(
     epochs: int | None = None,
     model: ModelSource = None,
     callbacks: Sequence[Callback] = (),
+    backend: str = "local",
+    address: str | None = None,
+    placement: str = "PACK",
+    rank_resources: dict[str, float] | None = None,
 ) -> Run | None:
     """Train a model as `config` says and write the run dir. Returns a `Run`.
 
@@ -130,6 +135,11 @@ def train(
     `nproc > 1` (or `nnodes > 1`) trains data-parallel on that many ranks per node through
     torch.distributed's elastic launcher; `batch_size` is per rank. Only the node of rank 0 writes the
     run dir; on the other nodes this returns None.
+
+    `backend="ray"` runs the `nproc` ranks as actors on the Ray cluster at `address` (default: a local
+    instance on 127.0.0.1), one placement-group bundle each (`placement`: PACK, SPREAD, STRICT_PACK or
+    STRICT_SPREAD; `rank_resources`: the Ray resources each rank reserves, e.g. {"CPU": 2}). The run
+    dir must be on storage every node shares (checked). See hpcml.jobs.train_ray.
 
     Started by torchrun (WORLD_SIZE/RANK/LOCAL_RANK) or SLURM (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
     with MASTER_ADDR/MASTER_PORT), this process joins that job as its rank instead: `out` is then
@@ -156,11 +166,15 @@ def train(
         cfg = build_config({**cfg.model_dump(mode="json"), "epochs": epochs}, source="epochs")
     if model is not None:
         cfg = _with_model_spec(cfg, model)
+    ray = _ray_launch(backend, address, placement, rank_resources, nnodes=nnodes, node_rank=node_rank,
+                      rdzv_endpoint=rdzv_endpoint)  # fmt: skip
     joined = launcher_env(os.environ)
     if joined is not None:
+        if ray is not None:
+            raise hpcml.UsageError(f"{joined[0]} already started this process as a rank; drop --backend ray")
         return _join(cfg, joined, out=out, nproc=nproc, nnodes=nnodes, quiet=quiet, resume=resume is not None,
                      model=model, callbacks=callbacks)  # fmt: skip
-    if nproc == 1 and nnodes == 1:
+    if nproc == 1 and nnodes == 1 and ray is None:
         # with no --out the run dir is named after the data is loaded: run_process locks it then
         with RunDirLock(Path(out)) if out is not None else contextlib.nullcontext() as lock:
             return run_process(
@@ -174,7 +188,28 @@ def train(
             )
     return _launch(cfg, out=out, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                    max_restarts=max_restarts, quiet=quiet, resume=resume is not None, model=model,
-                   callbacks=callbacks)  # fmt: skip
+                   callbacks=callbacks, ray=ray)  # fmt: skip
+
+
+def _ray_launch(backend, address, placement, rank_resources, **elastic) -> RayLaunchConfig | None:
+    """The Ray placement of the ranks (backend 'ray'), or None for hpcml's own launcher ('local')."""
+    if backend not in ("local", "ray"):
+        raise hpcml.UsageError(f"backend must be local or ray, got {backend!r}")
+    values = {"address": address, "placement": placement, "rank_resources": rank_resources or {}}
+    if backend == "local":
+        if values != {"address": None, "placement": "PACK", "rank_resources": {}}:
+            raise hpcml.UsageError(
+                "--address, --placement and --rank-resource place ranks on Ray: add --backend ray"
+            )
+        return None
+    if elastic != {"nnodes": 1, "node_rank": 0, "rdzv_endpoint": None}:
+        raise hpcml.UsageError(
+            "with --backend ray, Ray places the ranks on its nodes: drop --nnodes/--node-rank/--rdzv-endpoint"
+        )
+    try:
+        return RayLaunchConfig.model_validate(values)
+    except ValidationError as err:
+        raise hpcml.UsageError(format_validation_error(err, source="--backend ray")) from None
 
 
 def _with_model_spec(cfg: TrainConfig, model: ModelSource) -> TrainConfig:
@@ -212,11 +247,14 @@ def _join(cfg: TrainConfig, joined, *, out, nproc, nnodes, quiet, resume, model,
         )  # fmt: skip
 
 
-def _launch(cfg: TrainConfig, *, out, model, callbacks, **kw) -> Run | None:
+def _launch(cfg: TrainConfig, *, out, model, callbacks, ray: RayLaunchConfig | None, **kw) -> Run | None:
     from hpcml.launch.elastic import check_launch, launch
     from hpcml.models.io import load_model
 
-    check_launch(cfg, **{k: kw[k] for k in ("nproc", "nnodes", "node_rank", "rdzv_endpoint")})
+    if ray is None:
+        check_launch(cfg, **{k: kw[k] for k in ("nproc", "nnodes", "node_rank", "rdzv_endpoint")})
+    elif kw["nproc"] < 1:
+        raise hpcml.UsageError(f"need nproc >= 1, got {kw['nproc']}")
     if callbacks:
         raise hpcml.UsageError(
             "callbacks= objects live in this process; for data-parallel ranks put them in the config "
@@ -233,7 +271,13 @@ def _launch(cfg: TrainConfig, *, out, model, callbacks, **kw) -> Run | None:
     # held by the launching process of node 0 (the node that writes the run dir) for all ranks and
     # restarts; other nodes may share the folder (shared storage) and never write it
     with RunDirLock(out) if kw["node_rank"] == 0 else contextlib.nullcontext():
-        done = launch(cfg, out=out, **kw)
+        if ray is None:
+            done = launch(cfg, out=out, **kw)
+        else:
+            from hpcml.jobs.train_ray import launch_ray
+
+            done = launch_ray(cfg, out=out, nproc=kw["nproc"], launch=ray, max_restarts=kw["max_restarts"],
+                              resume=kw["resume"])  # fmt: skip
     if not done:
         return None
     report = json.loads((out / "report.json").read_text())

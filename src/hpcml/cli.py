@@ -138,6 +138,7 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     "  hpcml train --nproc 2 --grad-compression bf16 --bucket-mb 8   # all-reduce bf16 in 8 MB buckets\n\n"
     "  hpcml train --nnodes 2 --node-rank 0 --rdzv-endpoint 10.0.0.1:29500 --nproc 8   # on each node\n\n"
     "  torchrun --nproc-per-node 2 -m hpcml train --out runs/t    # ranks from torchrun (or srun)\n\n"
+    "  hpcml train --backend ray --nproc 4 --address 10.0.0.1:6379 --out /shared/runs/r   # Ray actors\n\n"
     "  hpcml train --log tensorboard --log mlflow            # also log to TensorBoard and MLflow\n\n"
     "  hpcml train --data stores/photos --model mobilenet_v2 --augment flip,crop   # images",
     no_args_is_help=False,
@@ -251,6 +252,28 @@ def train(
             help="Restart the rank group this often after a failure; it resumes from the newest checkpoint."
         ),
     ] = 0,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="Who runs the --nproc ranks: local (processes on this node) or ray (actors on a Ray "
+            "cluster, one placement-group bundle each; the run dir must be on storage all nodes share)."
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="--backend ray: cluster HOST:PORT, ray://HOST:PORT or auto (default: local Ray)."),
+    ] = None,
+    placement: Annotated[
+        str, typer.Option(help="--backend ray: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.")
+    ] = "PACK",
+    rank_resource: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rank-resource",
+            help="--backend ray: a Ray resource each rank reserves, KEY=N (repeatable; default CPU=threads "
+            "or 1, GPU=1 on CUDA).",
+        ),
+    ] = None,
     checkpoint_every: Annotated[
         str | None,
         typer.Option(
@@ -331,6 +354,8 @@ def train(
     if model_kw:
         overrides["model.kwargs"] = _parse_pairs(model_kw, "--model-kw")
     overrides.update(_parse_pairs(set_ or [], "--set"))
+    ray = {"backend": backend, "address": address, "placement": placement,
+           "rank_resources": _parse_pairs(rank_resource or [], "--rank-resource")}  # fmt: skip
     if resume is not None:
         extend = overrides.pop("epochs", None)  # the one documented extension of a resumed run
         if overrides or config is not None or out is not None:
@@ -345,7 +370,7 @@ def train(
 
         run = run_train(
             None, resume=resume, quiet=quiet or json_, nproc=nproc, nnodes=nnodes, node_rank=node_rank,
-            rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts, epochs=extend,
+            rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts, epochs=extend, **ray,
         )  # fmt: skip
         _show(run, json_=json_, quiet=quiet, node_rank=node_rank)
         return
@@ -370,6 +395,7 @@ def train(
         node_rank=node_rank,
         rdzv_endpoint=rdzv_endpoint,
         max_restarts=max_restarts,
+        **ray,
     )
     _show(run, json_=json_, quiet=quiet, node_rank=node_rank)
 

@@ -22,6 +22,7 @@ __all__ = [
     "DDPConfig",
     "ModelConfig",
     "OptimConfig",
+    "RayLaunchConfig",
     "ServeConfig",
     "TrainConfig",
     "load_config",
@@ -269,6 +270,34 @@ class ServeConfig(_Strict):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         return self
+
+
+class RayLaunchConfig(_Strict):
+    """`hpcml train --backend ray`: where a data-parallel job's ranks run on a Ray cluster. It changes
+    where the ranks run, never what they compute (that is the TrainConfig's, and `--nproc`'s)."""
+
+    address: str | None = Field(None, description="HOST:PORT, ray://HOST:PORT or auto; null: local Ray")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for the ranks' bundles (one bundle per rank)"
+    )
+    rank_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray resources each rank reserves, e.g. {CPU: 2, trainer: 1}; default CPU = threads "
+        "(or 1), plus GPU = 1 on CUDA",
+    )
+
+    @field_validator("placement", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("rank_resources")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [f"{k}={n}" for k, n in v.items() if not k or n <= 0]
+        if bad:
+            raise ValueError(f"resources must be named and > 0, got {', '.join(bad)}")
+        return v
 
 
 def format_validation_error(err: ValidationError, *, source: str = "config") -> str:

@@ -9,6 +9,8 @@
   (RAY_AUTH_MODE=token; the token is generated into ~/.ray/auth_token, kept 0600). hpcml refuses to
   start one with RAY_AUTH_MODE set to anything else. The tested Ray range is pinned in pyproject.toml
   and tests/jobs checks that every listening socket of the instance is on loopback.
+- The same switch is set before connecting to a cluster at a loopback --address (127.0.0.1:PORT):
+  on Linux Ray otherwise rewrites 127.0.0.1 in an address to the machine's network address.
 - A cluster's token comes from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, never from the command line.
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 from hpcml._system import available_cores
 from hpcml.errors import HpcmlError, UsageError
 
-__all__ = ["import_ray", "ray_session", "start_local_ray", "probe"]
+__all__ = ["import_ray", "on_loopback", "ray_session", "start_local_ray", "probe"]
 
 RAY_MIN_VERSION = (2, 59)  # token authentication on by default for local instances
 # Ray's own switch for "a cluster of one machine, on loopback" (its default on macOS and Windows), read
@@ -36,12 +38,25 @@ RAY_TESTED_BELOW = (2, 61)  # the range whose loopback-only listeners tests/jobs
 PROBE_TIMEOUT = 5.0
 
 
-def import_ray(*, local: bool = False) -> Any:
-    """Ray, checked for the tested range. `local=True` (hpcml is about to start a local instance): if
-    Ray is not imported yet, its documented switch LOOPBACK_ENV=0 goes into the environment first, so
-    Ray takes 127.0.0.1 as this node's address and every server it starts listens there (on Linux Ray
-    otherwise takes the machine's network address). It stays set for this process and its children."""
-    if local and "ray" not in sys.modules:
+def on_loopback(address: str | None) -> bool:
+    """Whether `address` (None: the local instance hpcml starts) is on this machine's loopback."""
+    if address is None:
+        return True
+    text = address.removeprefix("ray://")
+    if text.startswith("["):  # [IPv6]:PORT
+        host = text[1 : text.find("]")]
+    else:
+        host = text.partition(":")[0] if text.count(":") == 1 else text  # HOST:PORT, HOST or bare IPv6
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def import_ray(*, loopback: bool = False) -> Any:
+    """Ray, checked for the tested range. `loopback=True` (hpcml is about to start a local instance, or
+    to connect to a cluster on 127.0.0.1): if Ray is not imported yet, its documented switch
+    LOOPBACK_ENV=0 goes into the environment first, so Ray takes 127.0.0.1 as this node's address, every
+    server it starts listens there, and an address on 127.0.0.1 stays there (on Linux Ray otherwise
+    takes the machine's network address). It stays set for this process and its children."""
+    if loopback and "ray" not in sys.modules:
         os.environ.setdefault(LOOPBACK_ENV, "0")
     try:
         import ray
@@ -67,7 +82,7 @@ def import_ray(*, local: bool = False) -> Any:
 def ray_session(address: str | None) -> Iterator[Any]:
     """Ray, connected. An existing session in this process (a notebook's, a test's) is used as is and
     left running; one hpcml opened is shut down at the end."""
-    ray = import_ray(local=address is None)
+    ray = import_ray(loopback=on_loopback(address))
     if ray.is_initialized():
         yield ray
         return
@@ -82,7 +97,7 @@ def ray_session(address: str | None) -> Iterator[Any]:
 def start_local_ray(*, num_cpus: int | None = None) -> Callable[[], None]:
     """Start a local Ray instance the way hpcml does (127.0.0.1 only, token auth, no dashboard); returns
     the function to call after `ray.shutdown()` (nothing is left to undo: kept for callers)."""
-    return _start_local(import_ray(local=True), num_cpus=num_cpus)
+    return _start_local(import_ray(loopback=True), num_cpus=num_cpus)
 
 
 def _start_local(ray: Any, *, num_cpus: int | None = None) -> Callable[[], None]:
@@ -110,7 +125,7 @@ def _start_local(ray: Any, *, num_cpus: int | None = None) -> Callable[[], None]
             log_to_driver=False,
         )
     except Exception as err:
-        raise HpcmlError(f"could not start a local Ray instance: {_first_line(err)}") from None
+        raise HpcmlError(f"could not start a local Ray instance: {first_line(err)}") from None
     if get_authentication_mode() != AuthenticationMode.TOKEN:  # Ray's default changed across versions
         ray.shutdown()
         raise HpcmlError("the local Ray instance came up without token authentication; not using it")
@@ -135,11 +150,11 @@ def _connect(ray: Any, address: str) -> Callable[[], None]:
         ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     except ray.exceptions.AuthenticationError as err:
         raise HpcmlError(
-            f"Ray at {address} refused the connection: {_first_line(err)}. Give the cluster's token in "
+            f"Ray at {address} refused the connection: {first_line(err)}. Give the cluster's token in "
             "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (a 0600 file) with RAY_AUTH_MODE=token"
         ) from None
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise HpcmlError(f"cannot connect to Ray at {address}: {_first_line(err)}") from None
+        raise HpcmlError(f"cannot connect to Ray at {address}: {first_line(err)}") from None
     return lambda: None
 
 
@@ -185,9 +200,9 @@ def ray_error(ray: Any, err: Exception) -> str:
         return "Ray worker process died (killed, crashed or out of memory)"
     if isinstance(err, ray.exceptions.TaskCancelledError):
         return "cancelled"
-    return f"{type(err).__name__}: {_first_line(err)}"
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

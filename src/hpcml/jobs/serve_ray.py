@@ -28,7 +28,7 @@ from typing import Any
 from hpcml._system import available_cores
 from hpcml.config import ServeConfig
 from hpcml.errors import HpcmlError, UsageError
-from hpcml.jobs.ray_backend import import_ray, ray_session, start_local_ray
+from hpcml.jobs.ray_backend import import_ray, on_loopback, ray_session, start_local_ray
 
 __all__ = ["serve_ray", "APP_NAME"]
 
@@ -37,7 +37,7 @@ GRACE_SECONDS = 30  # in-flight requests get this long once the application is d
 
 
 def _import_serve(cfg: ServeConfig) -> Any:
-    import_ray(local=cfg.address is None)  # a local instance: Ray's loopback switch before its import
+    import_ray(loopback=on_loopback(cfg.address))  # Ray's loopback switch before its import, if any
     try:
         from ray import serve
     except ImportError as err:
@@ -82,7 +82,7 @@ def _settings(cfg: ServeConfig) -> ServeConfig:
 @contextmanager
 def _ray(cfg: ServeConfig) -> Iterator[Any]:
     """Ray, connected: the local instance hpcml starts (sized for the replicas), or the cluster."""
-    ray = import_ray(local=cfg.address is None)
+    ray = import_ray(loopback=on_loopback(cfg.address))
     if cfg.address is not None or ray.is_initialized():
         with ray_session(cfg.address) as session:
             yield session
@@ -164,7 +164,7 @@ def serve_ray(cfg: ServeConfig, *, log: Callable[[str], None] = print) -> None:
     def on_signal(signum: int, _frame: Any) -> None:
         stop["signal"] = signum
 
-    ray = import_ray(local=cfg.address is None)
+    ray = import_ray(loopback=on_loopback(cfg.address))
     started_ray = cfg.address is None and not ray.is_initialized()
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

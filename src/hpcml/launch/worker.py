@@ -1,6 +1,7 @@
 """One DDP rank: `python -m hpcml.launch.worker CONFIG OUT --quiet|--progress --resume|--fresh`,
-started by launch.py. After an elastic restart (TORCHELASTIC_RESTART_COUNT > 0) the rank resumes from
-the newest checkpoint in OUT when there is one.
+started by launch/elastic.py; `run_rank` is the same entry for ranks that Ray actors run
+(jobs/train_ray.py). After a restart (TORCHELASTIC_RESTART_COUNT > 0) the rank resumes from the newest
+checkpoint in OUT when there is one.
 
 Errors are reported as one line on stderr and in the elastic error file (so the launcher can name the
 rank and its message), never as a bare traceback.
@@ -13,6 +14,10 @@ import os
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hpcml.config import TrainConfig
 
 
 def _write_error_file(exc: BaseException) -> None:
@@ -36,22 +41,25 @@ def _write_error_file(exc: BaseException) -> None:
         json.dump(data, f)
 
 
-def main(argv: list[str]) -> int:
-    from hpcml.config import load_config
+def run_rank(cfg: TrainConfig, out: str, *, quiet: bool, resume: bool) -> None:
+    """Train as the rank the launcher's environment names: RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE and MASTER_ADDR/MASTER_PORT (the rendezvous store; distributed/dist.py joins it).
+    After a restart of the rank group the run resumes from the newest checkpoint, when there is one."""
     from hpcml.distributed.dist import DistInfo
     from hpcml.training.run import run_process
 
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    run_process(cfg, out=out, quiet=quiet, dist=DistInfo.from_env(), resume="auto" if restarted else resume)
+
+
+def main(argv: list[str]) -> int:
+    from hpcml.config import load_config
+    from hpcml.distributed.dist import DistInfo
+
     cfg_path, out, mode, start = argv
     info = DistInfo.from_env()
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     try:
-        run_process(
-            load_config(cfg_path),
-            out=out,
-            quiet=mode == "--quiet",
-            dist=info,
-            resume="auto" if restarted else start == "--resume",
-        )
+        run_rank(load_config(cfg_path), out, quiet=mode == "--quiet", resume=start == "--resume")
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the rank exits 1
         _write_error_file(exc)
         print(f"hpcml: rank {info.rank}: {exc}", file=sys.stderr)
