@@ -26,7 +26,7 @@ SMALL = [
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--data", "nope"], "unknown dataset 'nope': not a built-in (mnist1d, digits, synthetic)"),
+        (["--data", "nope"], "unknown dataset 'nope': not a built-in (mnist1d, digits, synthetic, shapes)"),
         (
             ["--model", "resnet"],
             "model.name: unknown model 'resnet'; valid: auto, mlp, cnn1d, convnet1d, cnn2d, mobilenet_v2, "

@@ -21,6 +21,7 @@ HELP = (
     "Examples:\n\n"
     "  hpcml bench                         # quick suite: < 3 min on 2 cores\n\n"
     "  hpcml bench --suite full --out benchmarks/results\n\n"
+    "  hpcml bench --cases images             # image training vs an ImageFolder + DataLoader loop\n\n"
     "  hpcml bench --cases time-to-accuracy,mfu --repeat 5 --json\n\n"
     "  hpcml bench --cases serve               # hpcml serve vs a naive FastAPI endpoint (+ LitServe)\n\n"
     "  hpcml bench --doctor runs/X/config.yaml     # where does the step time go?\n\n"

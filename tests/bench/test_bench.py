@@ -32,7 +32,7 @@ CASES = [
     "busy",
     "compress",
     "serve",
-]
+]  # the quick suite; the full suite adds "images"
 
 
 # --- FLOPs ---------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_ratio_and_goal_notes():
 
 
 def test_parse_cases():
-    assert parse_cases(None) == CASES
+    assert parse_cases(None, "quick") == CASES and parse_cases(None) == [*CASES, "images"]
     assert parse_cases(["mfu,time_to_accuracy", "scaling"]) == ["time-to-accuracy", "mfu", "scaling"]
     with pytest.raises(UsageError, match="valid: time-to-accuracy, throughput"):
         parse_cases(["mfu,nope"])
@@ -202,7 +202,7 @@ def test_doctor_missing_config_is_a_usage_error(cli, tmp_path):
 def test_bad_case_name_exits_2_listing_valid_names(cli, tmp_path):
     r = cli("bench", "--cases", "mfu,warp-speed", "--out", str(tmp_path / "o"))
     assert r.returncode == 2
-    assert "warp-speed" in r.stderr and "valid: " + ", ".join(CASES) in r.stderr
+    assert "warp-speed" in r.stderr and "valid: " + ", ".join([*CASES, "images"]) in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
 
