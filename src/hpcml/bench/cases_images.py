@@ -37,7 +37,7 @@ def _spec(ctx: Context) -> dict[str, Any]:
         "size": 64,
         "train_rows": 3000 if full else 1200,
         "test_rows": 600,
-        "epochs": 12 if full else 3,
+        "epochs": 12 if full else 6,
         "model": MODEL,
         "model_kw": MODEL_KW,
         "batch_size": 64,
@@ -229,7 +229,7 @@ def images_case(ctx: Context) -> dict[str, Any]:
             f"; hpcml {speedups[n]:.2f}x its images/s" if n in speedups else ""
         )
     h = runs["hpcml"][0]
-    why = f"hpcml ran {h['precision']}, channels_last {h['channels_last']}; the model's compute dominates"
+    why = f"hpcml ran {h['precision']}, channels_last {h['channels_last']}; the model's compute dominates the step"
     goals = [
         goal(
             "images/s vs folder + PIL + DataLoader >= 3x",

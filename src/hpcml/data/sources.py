@@ -30,6 +30,7 @@ class StreamSource:
     test_rows: int
     target: str
     features: list[str] | None  # None: every column but the target
+    memory_budget: int | None = None  # bytes: bounds the shuffle buffer too
 
 
 @dataclass

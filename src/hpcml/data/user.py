@@ -186,6 +186,7 @@ def _streamed(cfg: DataConfig, path: str) -> Dataset | None:
             test_rows=rows(test),
             target=target,
             features=cfg.columns,
+            memory_budget=budget,
         ),  # fmt: skip
     )
 
