@@ -11,7 +11,7 @@ label smoothing 0.1, a padded random crop and a random flip, for the same epochs
 - tensor: the decoded set as a float tensor, per-batch torch augmentation, a plain loop.
 
 Also measured: peak RSS of a run streaming a store larger than `--memory-budget` (a subprocess, its
-rusage) against the budget plus the RSS of the same run on a tiny in-memory store, and the accuracy of
+VmHWM) against the budget plus the RSS of the same run on a 10x smaller store, and the accuracy of
 the digits at 32x32 (upscaled by `hpcml data pack --image-size 32`).
 
 Goals (issue #15): hpcml >= 3x the folder loop's images/s and >= 1.2x the tensor loop's.
@@ -139,38 +139,28 @@ def _peak_rss(args: list[str]) -> int:
 
 
 def _memory(ctx: Context) -> dict[str, Any]:
-    """A store ~4x the budget, streamed, vs the same run on a tiny store held in memory."""
+    """A store ~2x the budget and one 10x smaller, both streamed under the same budget: peak RSS must
+    not grow with the store (the constant is the small store's run: torch, the model, a few shards)."""
     from hpcml.data import store
     from hpcml.data.shapes import write_folder
 
     budget = 8 << 20
     root = ctx.scratch / "memory"
     big = store.pack(write_folder(root / "big", 2400, 48, seed=2), root / "big-store", shard_rows=200)
-    store.pack(write_folder(root / "tiny", 120, 48, seed=3), root / "tiny-store")
+    store.pack(write_folder(root / "small", 240, 48, seed=3), root / "small-store", shard_rows=20)
     common = ["--model", "cnn2d", "--model-kw", "channels=8", "--epochs", "1", "--quiet"]
     common += ["--threads", str(ctx.threads), "--precision", "fp32", "--checkpoint-every", "off"]
+    common += ["--memory-budget", str(budget)]
     with tempfile.TemporaryDirectory(dir=ctx.scratch) as tmp:
-        streamed = _peak_rss(
-            [
-                "train",
-                "--data",
-                str(root / "big-store"),
-                "--memory-budget",
-                str(budget),
-                "--out",
-                f"{tmp}/a",
-                *common,
-            ]
-        )
-        baseline = _peak_rss(["train", "--data", str(root / "tiny-store"), "--out", f"{tmp}/b", *common])
-    data_bytes = sum(s["bytes"] for s in big["shards"])
+        streamed = _peak_rss(["train", "--data", str(root / "big-store"), "--out", f"{tmp}/a", *common])
+        baseline = _peak_rss(["train", "--data", str(root / "small-store"), "--out", f"{tmp}/b", *common])
     return {
-        "store_bytes": data_bytes,
+        "store_bytes": sum(s["bytes"] for s in big["shards"]),
         "decoded_bytes": big["total_rows"] * 3 * 48 * 48,
         "budget_bytes": budget,
         "peak_rss_streamed": streamed,
-        "peak_rss_tiny_in_memory": baseline,
-        "over_baseline": streamed - baseline,
+        "peak_rss_small_store": baseline,
+        "over_small_store": streamed - baseline,
     }
 
 
@@ -229,7 +219,7 @@ def images_case(ctx: Context) -> dict[str, Any]:
             f"; hpcml {speedups[n]:.2f}x its images/s" if n in speedups else ""
         )
     h = runs["hpcml"][0]
-    why = f"hpcml ran {h['precision']}, channels_last {h['channels_last']}; the model's compute dominates the step"
+    why = f"hpcml ran {h['precision']}, channels_last {h['channels_last']}; the model's compute dominates"
     goals = [
         goal(
             "images/s vs folder + PIL + DataLoader >= 3x",
@@ -239,16 +229,18 @@ def images_case(ctx: Context) -> dict[str, Any]:
         ),
         goal("images/s vs the tensor loop >= 1.2x", speedups["tensor loop"], 1.2, limit=why),
     ]
-    ctx.log("  memory: streaming a store 4x the budget")
+    ctx.log("  memory: streaming a store 2x the budget")
     memory = _memory(ctx)
-    ok = memory["peak_rss_streamed"] <= memory["budget_bytes"] + memory["peak_rss_tiny_in_memory"]
+    ok = memory["peak_rss_streamed"] <= memory["budget_bytes"] + memory["peak_rss_small_store"]
     goals.append({
-        "goal": "peak RSS streaming <= budget + the same run on a tiny store",
-        "target": memory["budget_bytes"] + memory["peak_rss_tiny_in_memory"],
+        "goal": "peak RSS streaming a store 2x the budget <= budget + the same run on a 10x smaller store",
+        "target": memory["budget_bytes"] + memory["peak_rss_small_store"],
         "value": memory["peak_rss_streamed"],
         "met": ok,
         "note": f"{mib(memory['peak_rss_streamed'])} MiB peak; budget {mib(memory['budget_bytes'])} MiB"
-        f" + {mib(memory['peak_rss_tiny_in_memory'])} MiB (torch, model, one shard)",
+        f" + {mib(memory['peak_rss_small_store'])} MiB (the small store's run: torch, model, shards)"
+        + ("" if ok else "; limited by: streaming holds a few decoded shards (1.4 MB each here) and their"
+           " shuffle copies at once, whatever the budget: pack smaller --shard-rows for a smaller peak"),
     })  # fmt: skip
     ctx.log("  digits at 32x32")
     digits = _digits(ctx)
