@@ -51,7 +51,7 @@ def test_synthetic_sizes_and_seed():
 
 def test_unknown_dataset_lists_valid():
     with pytest.raises(
-        UsageError, match=r"unknown dataset 'nope': not a built-in \(mnist1d, digits, synthetic\)"
+        UsageError, match=r"unknown dataset 'nope': not a built-in \(mnist1d, digits, synthetic, shapes\)"
     ):
         load_dataset(DataConfig(name="nope"))
 
