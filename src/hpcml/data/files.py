@@ -121,12 +121,16 @@ def open_table(
     batch_rows: int = BATCH_ROWS,
     image_size: int | tuple[int, int] | None = None,
     image_mode: str = "auto",
+    image_shuffle: bool = False,
 ) -> Iterator[TableSource]:
     """Open a file (or image folder) for streaming: validates columns up front, yields batches
-    without loading it all. `image_size`/`image_mode` apply to image folders only (see images.py)."""
+    without loading it all. `image_size`/`image_mode`/`image_shuffle` apply to image folders only
+    (see images.py)."""
     fs, path, name = resolve(path_or_url)
     if fs.isdir(path):
-        yield _open_folder(fs, path, name, target, features, batch_rows, image_size, image_mode)
+        yield _open_folder(
+            fs, path, name, target, features, batch_rows, image_size, image_mode, image_shuffle
+        )
         return
     fmt, compression = source_format(path, name)
     try:
@@ -181,7 +185,9 @@ def read_table(
     return x, y, classes, report
 
 
-def _open_folder(fs, path, name, target, features, batch_rows, image_size, image_mode) -> TableSource:
+def _open_folder(
+    fs, path, name, target, features, batch_rows, image_size, image_mode, shuffle=False
+) -> TableSource:
     """A folder that is not a store: an image folder (class subfolders), else a clear error."""
     from hpcml.data import images
 
@@ -189,6 +195,7 @@ def _open_folder(fs, path, name, target, features, batch_rows, image_size, image
         raise UsageError(f"{name}: is an hpcml store; read it with read_store / read_data")
     src, extra = images.open_images(
         fs, path, name, target=target, features=features, image_size=image_size, mode=image_mode,
+        shuffle=shuffle,
         batch_rows=batch_rows,
     )  # fmt: skip
     src.extra, src.url = extra, fs.unstrip_protocol(path)

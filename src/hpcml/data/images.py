@@ -67,11 +67,16 @@ def open_images(
     image_size: int | tuple[int, int] | list[int] | None = None,
     mode: str = "auto",
     batch_rows: int = 65_536,
+    shuffle: bool = False,
 ) -> tuple[Any, dict]:
-    """(TableSource, extra report fields) for the image folder at `path` on `fs`."""
+    """(TableSource, extra report fields) for the image folder at `path` on `fs`. `shuffle`: rows in
+    a fixed pseudo-random order (seed 0) instead of class by class; `store.pack` uses it, so every
+    shard mixes the classes (whole shards form a streamed store's test split and shuffle unit)."""
     from hpcml.data.files import TableSource
 
     files, ignored = _scan(fs, path, name)  # first: "not an image folder" says the most
+    if shuffle:
+        files = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
     if features is not None:
         raise UsageError(f"{name}: image folders have no named columns; features= cannot be used")
     if target not in (None, "", LABEL):
@@ -124,6 +129,7 @@ def open_images(
         "image_size": list(out_size),
         "images_resized": resized,
         "images_converted": sum(n for m, n in modes.items() if not _same_mode(m, out_mode)),
+        "image_order": "shuffled (seed 0)" if shuffle else "by class, then path",
     }
     src = TableSource(name, "image", schema, batches(), LABEL, [IMAGE], shape)
     return src, extra

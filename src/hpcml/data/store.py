@@ -83,7 +83,7 @@ def pack(
     with atomic_dir(out) as tmp:  # an old store at `out` (overwrite=True) is replaced
         with open_table(
             src, target=target, features=features, batch_rows=min(shard_rows, BATCH_ROWS),
-            image_size=image_size, image_mode=image_mode,
+            image_size=image_size, image_mode=image_mode, image_shuffle=True,
         ) as t:  # fmt: skip
             shards, schema, labels = write_shards(t, tmp, shard_rows, compression, progress)
             source = {"path": redact_url(t.url), "format": t.format, "bytes": t.bytes, **t.extra}

@@ -286,8 +286,20 @@ class Checkpoint:
                 obj.load_state_dict(decode_state(saved["state_dict"], self.tensors))
             except (ValueError, KeyError, RuntimeError) as err:
                 raise HpcmlError(f"{self.path}: cannot restore the {name}: {err}") from None
+            if name == "optimizer":
+                _match_layouts(obj)
         if rng:
             restore_rng(self.state["rng"])
+
+
+def _match_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give restored per-parameter state (Adam's moments) its parameter's memory layout. Saved state
+    comes back contiguous; a channels_last parameter's fused update would then run on moments laid
+    out differently, and a resumed run would no longer equal the uninterrupted one."""
+    for p, st in optimizer.state.items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def _first_diff(saved: list, now: list) -> str:
