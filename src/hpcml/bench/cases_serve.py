@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -69,12 +70,21 @@ def _server(cmd: list[str], ready_path: str, scratch: Path, name: str, env: dict
         _wait(url + ready_path, proc, err)
         yield url
     finally:
-        proc.terminate()
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's whole process group, then SIGKILL to whatever is left of it: LitServe's
+    and uvicorn's own worker processes outlive a parent that exits on SIGTERM alone."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
         try:
-            proc.wait(30)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # LitServe's own worker processes go with it
-            proc.wait()
+            continue
 
 
 def _forward_ms(model_dir: Path, threads: int) -> float:
