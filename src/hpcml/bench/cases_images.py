@@ -250,7 +250,7 @@ def images_case(ctx: Context) -> dict[str, Any]:
         "status": "ok",
         "metric": "images/s",
         "higher_is_better": True,
-        "config": {k: v for k, v in spec.items()},
+        "config": dict(spec),
         "store": {k: data[k] for k in ("store_bytes", "raw_bytes", "png_bytes")},
         "contenders": contenders,
         "speedups": speedups,

@@ -196,18 +196,10 @@ def _synthetic(cfg: DataConfig) -> Dataset:
         n_classes=cfg.classes,
         random_state=cfg.data_seed,
     )
-    n_test = max(1, int(round(cfg.rows * cfg.test_fraction)))
-    if cfg.rows - n_test < 1:
-        raise UsageError(f"data.rows={cfg.rows} leaves no training rows")
-    x = x.astype(np.float32)
-    y = y.astype(np.int64)
     return Dataset(
         name="synthetic",
         kind="tabular",
-        x_train=x[n_test:],
-        y_train=y[n_test:],
-        x_test=x[:n_test],
-        y_test=y[:n_test],
+        **_head_split(cfg, x.astype(np.float32), y.astype(np.int64)),
         classes=[str(i) for i in range(cfg.classes)],
         source={
             "builtin": "synthetic",
@@ -217,6 +209,14 @@ def _synthetic(cfg: DataConfig) -> Dataset:
             "data_seed": cfg.data_seed,
         },
     )
+
+
+def _head_split(cfg: DataConfig, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """A generated set's split: the first round(rows * test_fraction) rows (at least 1) are the test."""
+    n_test = max(1, int(round(cfg.rows * cfg.test_fraction)))
+    if cfg.rows - n_test < 1:
+        raise UsageError(f"data.rows={cfg.rows} leaves no training rows")
+    return {"x_train": x[n_test:], "y_train": y[n_test:], "x_test": x[:n_test], "y_test": y[:n_test]}
 
 
 def _shapes(cfg: DataConfig) -> Dataset:
@@ -229,16 +229,10 @@ def _shapes(cfg: DataConfig) -> Dataset:
         x, y = generate(cfg.rows, size, seed=cfg.data_seed)
     except ValueError as err:
         raise UsageError(f"shapes: {err}") from None
-    n_test = max(1, int(round(cfg.rows * cfg.test_fraction)))
-    if cfg.rows - n_test < 1:
-        raise UsageError(f"data.rows={cfg.rows} leaves no training rows")
     return Dataset(
         name="shapes",
         kind="image",
-        x_train=x[n_test:],
-        y_train=y[n_test:],
-        x_test=x[:n_test],
-        y_test=y[:n_test],
+        **_head_split(cfg, x, y),
         classes=list(CLASSES),
         source={"builtin": "shapes", "rows": cfg.rows, "image_size": size, "data_seed": cfg.data_seed},
     )

@@ -257,6 +257,7 @@ class StreamBatches:
         device: str | torch.device = "cpu",
         verify: bool = True,
         device_transform: ImageTransform | None = None,
+        memory_budget: int | None = None,
     ):
         m = _store.read_manifest(store)
         n = len(m["shards"])
@@ -274,6 +275,9 @@ class StreamBatches:
             )
         self.store, self.manifest = store, m
         self.rank, self.world_size, self.accum, self.seed = rank, world_size, accum, seed
+        if memory_budget:  # the shuffle buffer holds at most a quarter of the budget
+            row = max(1, dataset_bytes(m, features=features) // max(1, m["total_rows"]))
+            shuffle_buffer = min(shuffle_buffer, max(batch_size, memory_budget // 4 // row))
         self.shuffle, self.shuffle_buffer = shuffle, max(0, shuffle_buffer)
         self.prefetch, self.workers, self.device = prefetch, workers, torch.device(device)
         self.device_transform = device_transform  # uint8 images: float + augmented per micro-batch

@@ -105,24 +105,22 @@ def build(
             f"augment ({', '.join(cfg.augment)}) applies to images (C x H x W rows); {data.name} holds "
             f"{data.kind} data of shape {list(data.input_shape)}"
         )
+    seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
+    module = make_module(cfg, data, model).to(dev)
+    if hw.channels_last and not any(isinstance(m, nn.Conv2d) for m in module.modules()):
+        hw = replace(hw, channels_last=False, channels_last_reason="the model has no 2-D convolutions")
+    if hw.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    # the data after the model: its image batches take the model's memory format (nothing here draws
+    # from the global RNG, so the weights are those of the seed)
     if data.stream is not None:  # a store larger than the memory budget: shards stream from disk
         normalizer, batches, test = _streamed(cfg, data, info, hw)
         val, n_train = None, len(batches) * batches.global_batch
     else:
         normalizer, batches, test, val = _in_memory(cfg, data, info, hw, y_scale)
         n_train = len(data.x_train)
-    transform = getattr(batches, "transform", None) or getattr(batches, "device_transform", None)
     if cfg.patience is not None and val is None:
         raise UsageError("patience (early stopping) watches the validation metric: set a val_fraction")
-
-    seed_everything(cfg.seed)  # same seed on every rank: identical initial weights
-    module = make_module(cfg, data, model).to(dev)
-    if hw.channels_last and not any(isinstance(m, nn.Conv2d) for m in module.modules()):
-        hw = replace(hw, channels_last=False, channels_last_reason="the model has no 2-D convolutions")
-    if transform is not None:
-        transform.channels_last = hw.channels_last  # one object: train batches and eval splits
-    if hw.channels_last:
-        module = module.to(memory_format=torch.channels_last)
     step_model: nn.Module = pdist.wrap_ddp(module, dev, cfg.ddp) if info.world_size > 1 else module
     if hw.compile:
         step_model = torch.compile(step_model)
@@ -237,14 +235,9 @@ def _in_memory(cfg: TrainConfig, data: Dataset, info: DistInfo, hw: Hardware, y_
 
 def _streamed(cfg: TrainConfig, data: Dataset, info: DistInfo, hw: Hardware):
     """(normalizer, StreamBatches, test split) for a store streamed from disk."""
-    from hpcml.data.store import read_manifest
-    from hpcml.data.stream import StreamBatches, dataset_bytes, fit_normalizer_stream, iter_eval_chunks
+    from hpcml.data.stream import StreamBatches, fit_normalizer_stream, iter_eval_chunks
 
     st, dev = data.stream, hw.device
-    m = read_manifest(st.store)
-    row_bytes = max(1, dataset_bytes(m, features=st.features) // max(1, m["total_rows"]))
-    # the shuffle buffer holds at most a quarter of the budget (it was 65,536 rows whatever their size)
-    buffer = 65_536 if not st.memory_budget else max(cfg.batch_size, st.memory_budget // 4 // row_bytes)
     if cfg.optim.name == "gd":
         raise UsageError("the gd optimizer needs the whole training set in memory; raise --memory-budget")
     common = {"target": st.target, "features": st.features, "missing": cfg.data.missing}
@@ -256,7 +249,7 @@ def _streamed(cfg: TrainConfig, data: Dataset, info: DistInfo, hw: Hardware):
     batches = StreamBatches(
         st.store, shards=st.train, batch_size=cfg.batch_size, seed=cfg.seed, rank=info.rank,
         world_size=info.world_size, accum=cfg.grad_accum, transform=on_host, device=dev,
-        device_transform=images, shuffle_buffer=min(65_536, buffer), **common,
+        device_transform=images, memory_budget=st.memory_budget, **common,
     )  # fmt: skip
     mine = st.test[info.rank :: info.world_size]  # each rank scores its share; the sums are all-reduced
 
