@@ -54,7 +54,7 @@ def test_merge_leaves_the_base_config_alone():
     base = TrainConfig(model={"name": "mlp", "kwargs": {"hidden": 32}}).model_dump(mode="json")
     kwargs = {"depth": 3}
     merged = merge(base, {"model.kwargs.hidden": 64, "optim.lr": 0.5, "data.columns": ["a"]})
-    assert base["model"]["kwargs"] == {"hidden": 32} and base["optim"]["lr"] == 0.01
+    assert base["model"]["kwargs"] == {"hidden": 32} and base["optim"]["lr"] is None
     assert merged["model"]["kwargs"] == {"hidden": 64} and merged["optim"]["lr"] == 0.5
     merged2 = merge(base, {"model.kwargs": kwargs})
     merged2["model"]["kwargs"]["depth"] = 9

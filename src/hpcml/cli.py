@@ -16,7 +16,7 @@ app = typer.Typer(
     name="hpcml",
     help="Train and run ML models as fast as the hardware allows, and prove it.\n\n"
     "Examples:\n\n"
-    "  hpcml train                                  # convnet1d on MNIST-1D, 10 epochs\n\n"
+    "  hpcml train                                  # convnet1d on MNIST-1D, 8 epochs\n\n"
     "  hpcml train --data digits --model cnn2d --json\n\n"
     "  hpcml evaluate runs/demo/model --data mnist1d",
     no_args_is_help=True,
@@ -186,14 +186,14 @@ def train(
     optimizer: Annotated[
         str | None, typer.Option(help="sgd, adam, adamw, or gd (full-batch gradient descent).")
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (peak lr for onecycle).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (peak lr for onecycle). Default: the model's recipe (convnet1d 3e-2), else 1e-2.")] = None,
     momentum: Annotated[float | None, typer.Option(help="Momentum for sgd/gd.")] = None,
     nesterov: Annotated[
         bool | None, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (sgd).")
     ] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant, cosine or onecycle.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Number of epochs.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Number of epochs. Default: the model's recipe (convnet1d 8), else 10.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing in [0, 1).")] = None,
     augment: Annotated[

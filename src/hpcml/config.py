@@ -105,7 +105,9 @@ class ModelConfig(_Strict):
 
 class OptimConfig(_Strict):
     name: Literal["sgd", "adam", "adamw", "gd"] = "adamw"
-    lr: float = Field(1e-2, gt=0)
+    lr: float | None = Field(
+        None, gt=0, description="peak lr for onecycle; null: the model's recipe (convnet1d 3e-2), else 1e-2"
+    )
     momentum: float | None = Field(None, ge=0, lt=1, description="sgd/gd; default 0.9 for sgd, 0 for gd")
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
@@ -197,7 +199,7 @@ class TrainConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    epochs: int = Field(10, gt=0)
+    epochs: int | None = Field(None, gt=0, description="null: the model's recipe (convnet1d 8), else 10")
     batch_size: int = Field(100, gt=0, description="per-process batch; ignored by the gd optimizer")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step (global batch x K)")
     eval_batch_size: int = Field(8192, gt=0)

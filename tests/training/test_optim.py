@@ -38,7 +38,7 @@ def test_momentum_defaults_resolved_in_config():
     assert OptimConfig(name="gd", momentum=0.5).momentum == 0.5
     opt = build_optimizer(
         [torch.nn.Parameter(torch.zeros(2))],
-        OptimConfig(name="sgd", nesterov=True),
+        OptimConfig(name="sgd", lr=0.01, nesterov=True),
         device=torch.device("cpu"),
     )
     assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["nesterov"] is True

@@ -41,11 +41,11 @@ def prepared(cfg: TrainConfig, *, steps: int, dist: DistInfo | None = None) -> I
     from hpcml.data.sources import load_dataset
     from hpcml.training.build import build, step_flops
     from hpcml.training.precision import detect
-    from hpcml.training.run import resolve_model_name
+    from hpcml.training.run import resolve_defaults
 
     info = dist or DistInfo()
     data = load_dataset(cfg.data)
-    cfg = resolve_model_name(cfg, data)
+    cfg = resolve_defaults(cfg, data)
     hw = detect(
         device=cfg.device,
         precision=cfg.precision,

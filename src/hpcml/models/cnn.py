@@ -1,7 +1,10 @@
+"""Conv nets for sequences (convnet1d, the MNIST-1D paper's cnn1d) and small images (cnn2d)."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def _as_channels_first(input_shape: tuple[int, ...], dims: int, name: str) -> tuple[int, ...]:
@@ -91,6 +94,48 @@ class CNN2d(nn.Module):
         return self.head(self.features(x.view(x.shape[0], *self.shape)))
 
 
+class _PairMax(torch.autograd.Function):
+    """max over adjacent pairs of the last axis, with the gradient max_pool1d(x, 2) gives: all of it to
+    the larger of each pair, to the first one on a tie (its argmax)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        n = x.shape[-1] // 2
+        pairs = x[..., : 2 * n].unflatten(-1, (n, 2))
+        first, second = pairs[..., 0], pairs[..., 1]
+        ctx.save_for_backward(second > first)
+        ctx.length = x.shape[-1]
+        return torch.maximum(first, second)  # NaN propagates, as in max_pool1d
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (take_second,) = ctx.saved_tensors
+        out = grad.new_empty(*grad.shape, 2)
+        torch.mul(grad, take_second, out=out[..., 1])
+        torch.sub(grad, out[..., 1], out=out[..., 0])
+        out = out.flatten(-2)
+        return F.pad(out, (0, ctx.length - out.shape[-1])) if out.shape[-1] != ctx.length else out
+
+
+class PairMaxPool1d(nn.MaxPool1d):
+    """nn.MaxPool1d(2), with a faster training path on the CPU: the same outputs and the same
+    gradients, computed by `_PairMax` instead of max_pool1d_with_indices.
+
+    Measured on a 2-core Xeon (batch 100 x 32 channels x 40, 2 threads): forward + backward 320 us
+    against 552 us for max_pool1d, whose indexed CPU kernel is not vectorized for a window of 2; two of
+    them were 13% of convnet1d's training step. Without autograd (evaluation, predict, export) this is
+    nn.MaxPool1d itself, so ONNX export and pruning see the standard layer.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return _PairMax.apply(x)
+        return super().forward(x)
+
+
 class ConvNet1d(nn.Module):
     """hpcml's default for sequences: five 3-wide convolutions with BatchNorm and GELU, max-pooled
     twice, and a linear head (~16k parameters at 32 channels on MNIST-1D). Faster to a better model
@@ -106,8 +151,8 @@ class ConvNet1d(nn.Module):
             return [nn.Conv1d(c_in, channels, 3, padding=1, bias=False), nn.BatchNorm1d(channels), nn.GELU()]
 
         self.features = nn.Sequential(
-            *block(self.shape[0]), *block(channels), nn.MaxPool1d(2),
-            *block(channels), *block(channels), nn.MaxPool1d(2),
+            *block(self.shape[0]), *block(channels), PairMaxPool1d(),
+            *block(channels), *block(channels), PairMaxPool1d(),
             *block(channels), nn.Flatten(),
         )  # fmt: skip
         self.head = nn.Linear(channels * (self.shape[1] // 4), num_outputs)

@@ -33,6 +33,7 @@ __all__ = [
     "check_trust",
     "create_model",
     "default_model_for",
+    "recipe_for",
     "describe_models",
     "is_spec",
     "list_models",
@@ -64,6 +65,19 @@ class ModelBuildError(UsageError):
 def list_models() -> list[str]:
     """Built-in names, then installed plugin names."""
     return [*MODEL_NAMES, *plugins()]
+
+
+# What `lr: null` and `epochs: null` become for a model (training/run.py resolves them into config.yaml).
+# convnet1d, measured on MNIST-1D with AdamW + onecycle, batch 100, 10 seeds (2-core Xeon, 2026-12-03):
+# lr 3e-2 over 8 epochs reached 98.5% test accuracy after a median of 1.5 s (6 epochs), final median
+# 98.75%; the former lr 1e-2 over 10 epochs needed 2.0 s (8 epochs) for a final median of 98.75%.
+DEFAULT_RECIPE: dict[str, float | int] = {"lr": 1e-2, "epochs": 10}
+RECIPES: dict[str, dict[str, float | int]] = {"convnet1d": {"lr": 3e-2, "epochs": 8}}
+
+
+def recipe_for(name: str) -> dict[str, float | int]:
+    """The default lr and epochs for model `name` (built-in, plugin or module:function)."""
+    return {**DEFAULT_RECIPE, **RECIPES.get(name, {})}
 
 
 def default_model_for(kind: str) -> str:

@@ -17,6 +17,9 @@ def _fast_kwargs(cls: type[torch.optim.Optimizer], device: torch.device) -> dict
 
 
 def build_optimizer(params, cfg: OptimConfig, *, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer `cfg` names; its lr must be resolved (`training.run.resolve_defaults`)."""
+    if cfg.lr is None:
+        raise ValueError("optim.lr is null: resolve the model's recipe first (training.run.resolve_defaults)")
     if cfg.name in ("sgd", "gd"):
         momentum = cfg.momentum or 0.0
         return torch.optim.SGD(

@@ -15,7 +15,7 @@ from hpcml.config import TrainConfig, build_config, load_config
 from hpcml.data.sources import Dataset, load_dataset
 from hpcml.distributed import dist as pdist
 from hpcml.distributed.dist import DistInfo
-from hpcml.models.registry import default_model_for
+from hpcml.models.registry import default_model_for, recipe_for
 from hpcml.training.build import ModelSource, build, seed_everything, step_flops  # noqa: F401  (seed_everything re-exported)
 from hpcml.training.callbacks import Callback, EarlyStopping, Progress, TargetAccuracy, from_specs
 from hpcml.training.fit import fit
@@ -36,12 +36,18 @@ def as_config(cfg: TrainConfig | dict | str | Path | None) -> TrainConfig:
     return load_config(cfg)
 
 
-def resolve_model_name(cfg: TrainConfig, data: Dataset) -> TrainConfig:
-    """Replace `model: auto` by the concrete choice so config.yaml records what ran."""
-    if cfg.model.name != "auto":
-        return cfg
-    model = cfg.model.model_copy(update={"name": default_model_for(data.kind)})
-    return cfg.model_copy(update={"model": model})
+def resolve_defaults(cfg: TrainConfig, data: Dataset) -> TrainConfig:
+    """Replace `model: auto` by the concrete choice, and `optim.lr: null` / `epochs: null` by that
+    model's recipe (models/registry.py), so config.yaml records what ran."""
+    if cfg.model.name == "auto":
+        model = cfg.model.model_copy(update={"name": default_model_for(data.kind)})
+        cfg = cfg.model_copy(update={"model": model})
+    recipe = recipe_for(cfg.model.name)
+    if cfg.optim.lr is None:
+        cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": recipe["lr"]})})
+    if cfg.epochs is None:
+        cfg = cfg.model_copy(update={"epochs": recipe["epochs"]})
+    return cfg
 
 
 def run_process(
@@ -69,7 +75,7 @@ def run_process(
     if info.is_main:
         check_available(cfg.log)  # a missing extra fails now, not after training
     data = load_dataset(cfg.data)
-    cfg = resolve_model_name(cfg, data)
+    cfg = resolve_defaults(cfg, data)
     if out is None:
         out = default_run_dir(cfg, cfg.model.name)
     with contextlib.ExitStack() as stack:
