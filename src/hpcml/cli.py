@@ -186,14 +186,19 @@ def train(
     optimizer: Annotated[
         str | None, typer.Option(help="sgd, adam, adamw, or gd (full-batch gradient descent).")
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (peak lr for onecycle). Default: the model's recipe (convnet1d 3e-2), else 1e-2.")] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Peak learning rate (onecycle). Default: the model's recipe (convnet1d 3e-2) or 1e-2."),
+    ] = None,
     momentum: Annotated[float | None, typer.Option(help="Momentum for sgd/gd.")] = None,
     nesterov: Annotated[
         bool | None, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum (sgd).")
     ] = None,
     weight_decay: Annotated[float | None, typer.Option(help="Weight decay.")] = None,
     schedule: Annotated[str | None, typer.Option(help="constant, cosine or onecycle.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Number of epochs. Default: the model's recipe (convnet1d 8), else 10.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Number of epochs. Default: the model's recipe (convnet1d 8), else 10.")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="Label smoothing in [0, 1).")] = None,
     augment: Annotated[
