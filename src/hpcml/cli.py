@@ -188,7 +188,7 @@ def train(
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(help="Peak learning rate (onecycle). Default: the model's recipe (convnet1d 3e-2) or 1e-2."),
+        typer.Option(help="Peak lr (onecycle). Default: the model's recipe (convnet1d 3e-2) or 1e-2."),
     ] = None,
     momentum: Annotated[float | None, typer.Option(help="Momentum for sgd/gd.")] = None,
     nesterov: Annotated[
