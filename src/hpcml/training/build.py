@@ -23,6 +23,7 @@ from hpcml.data.sources import Dataset
 from hpcml.distributed import dist as pdist
 from hpcml.distributed.dist import DistInfo
 from hpcml.errors import UsageError
+from hpcml.training.losses import classification_loss
 from hpcml.training.optim import build_optimizer, build_schedule
 from hpcml.training.precision import Hardware, autocast
 
@@ -130,7 +131,7 @@ def build(
     if regression:
         train_loss = eval_loss = _mse
     else:
-        train_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        train_loss = classification_loss(cfg.label_smoothing)
         eval_loss = nn.CrossEntropyLoss()
     return Components(
         cfg=cfg, data=data, hw=hw, dist=info, module=module, step_model=step_model, optimizer=optimizer,

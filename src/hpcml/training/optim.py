@@ -3,15 +3,82 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from hpcml.config import OptimConfig
 
 
+class _LeanFusedStep:
+    """Adam/AdamW with fused=True, minus the per-step Python bookkeeping of torch's step().
+
+    After the first step (torch's own, which creates the state), a step is two calls: the step counts
+    +1 (one foreach op) and torch's fused Adam(W) kernel over every parameter that has a gradient,
+    the calls torch's own fused path makes after re-validating and regrouping the tensors each step.
+    Same kernel, same arguments, same state_dict, so same weights: tests/training/test_optim.py
+    checks them equal to torch's optimizer after several steps. Anything else (a closure, a
+    GradScaler's grad_scale/found_inf, amsgrad, maximize, capturable, differentiable, parameters on
+    several devices or dtypes) takes torch's step.
+
+    Measured on a 2-core Xeon, the default MLP (40-256-256-10) at batch 100, 2 threads: 835 -> 780 us
+    per training step, weights equal.
+    """
+
+    _fused_kernel: Any = None
+    _lean_groups: tuple[int, bool] | None = None  # (groups checked, all of them fit the lean step)
+
+    def _lean_fits(self) -> bool:
+        """Every group: fused, no amsgrad/maximize/capturable/differentiable, one device and dtype."""
+        if self._lean_groups is None or self._lean_groups[0] != len(self.param_groups):
+            fits = all(
+                g.get("fused")
+                and not any(g.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable"))
+                and len({(p.device, p.dtype) for p in g["params"]}) == 1
+                for g in self.param_groups
+            )
+            self._lean_groups = (len(self.param_groups), fits)
+        return self._lean_groups[1]
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        lean = (
+            closure is None
+            and getattr(self, "grad_scale", None) is None
+            and getattr(self, "found_inf", None) is None
+            and self._lean_fits()
+            and all(p in self.state for g in self.param_groups for p in g["params"] if p.grad is not None)
+        )
+        if not lean:
+            return super().step(closure)  # type: ignore[misc]
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self.state[p] for p in params]
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, 1)
+            beta1, beta2 = group["betas"]
+            type(self)._fused_kernel(
+                params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+                beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                grad_scale=None, found_inf=None,
+            )  # fmt: skip
+        return None
+
+
+class LeanAdam(_LeanFusedStep, torch.optim.Adam):
+    _fused_kernel = staticmethod(torch._fused_adam_)
+
+
+class LeanAdamW(_LeanFusedStep, torch.optim.AdamW):
+    _fused_kernel = staticmethod(torch._fused_adamw_)
+
+
 def _fast_kwargs(cls: type[torch.optim.Optimizer], device: torch.device) -> dict:
     """Fused kernels where this torch supports them for the device, else foreach (multi-tensor)."""
-    if device.type == "cuda" or cls in (torch.optim.Adam, torch.optim.AdamW):
+    if device.type == "cuda" or issubclass(cls, (torch.optim.Adam, torch.optim.AdamW)):
         return {"fused": True}
     return {"foreach": True}
 
@@ -30,7 +97,7 @@ def build_optimizer(params, cfg: OptimConfig, *, device: torch.device) -> torch.
             weight_decay=cfg.weight_decay,
             **_fast_kwargs(torch.optim.SGD, device),
         )
-    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    cls = LeanAdam if cfg.name == "adam" else LeanAdamW
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **_fast_kwargs(cls, device))
 
 
