@@ -63,7 +63,7 @@ def predict(
     workers: int | str = "auto",
     backend: str = "local",
     address: str | None = None,
-    batch_size: int = 65536,
+    batch_size: int | None = None,
     output: str | Path | None = None,
     trust_code: bool = False,
 ) -> np.ndarray:

@@ -161,7 +161,10 @@ def predict(
     ] = "auto",
     backend: Annotated[str, _BACKEND] = "local",
     address: Annotated[str | None, _ADDRESS] = None,
-    batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 65536,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="Rows per forward pass (default: sized to the CPU cache for this model)."),
+    ] = None,
     probabilities: Annotated[
         bool, typer.Option("--probabilities", help="Add a prob_<class> column per class.")
     ] = False,

@@ -231,6 +231,7 @@ class _SlowHere:
 
     def __init__(self, model):
         self.model = model
+        self.predict_rows = model.predict_rows
 
     def predict(self, x, **kw):
         time.sleep(0.05)

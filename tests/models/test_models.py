@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +57,26 @@ def test_bad_model_inputs():
         create_model("mlp", input_shape=(4,), num_outputs=2, hidden=64.0)
     with pytest.raises(UsageError, match=r"model cnn1d: kwargs\.channels must be a whole number, got True"):
         create_model("cnn1d", input_shape=(1, 40), num_outputs=2, channels=True)
+
+
+def _model(name, shape, **kw):
+    from hpcml.models.io import Model
+
+    module = create_model(name, input_shape=shape, num_outputs=10, **kw)
+    meta = {"architecture": name, "input_shape": list(shape), "classes": [str(i) for i in range(10)],
+            "preprocessing": {"method": "none", "shift": [0.0], "scale": [1.0]}}  # fmt: skip
+    return Model(module, meta)
+
+
+def test_predict_rows_follow_the_widest_activation():
+    """Rows per forward by default: 2 MiB over the widest layer output of one row (4 bytes a value),
+    clamped to 64..65,536; the predictions do not depend on it."""
+    from hpcml.models.io import PREDICT_CACHE_BYTES
+
+    assert _model("mlp", (32,), hidden=512).predict_rows == PREDICT_CACHE_BYTES // (4 * 512) == 1024
+    assert _model("mlp", (32,), hidden=16).predict_rows == 2**21 // (4 * 32)  # the input is widest
+    assert _model("convnet1d", (1, 40)).predict_rows == 2**21 // (4 * 32 * 40)  # 32 channels x 40
+    assert _model("mlp", (3, 300, 300), hidden=8).predict_rows == 64  # 270,000 inputs a row: the floor
+    m = _model("mlp", (32,), hidden=512)
+    x = np.random.default_rng(0).normal(size=(3000, 32)).astype(np.float32)
+    np.testing.assert_array_equal(m.predict(x), m.predict(x, batch_size=3000))

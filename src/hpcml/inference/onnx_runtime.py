@@ -58,8 +58,9 @@ class OnnxModel(Model):
     def __repr__(self) -> str:
         return "Onnx" + super().__repr__()
 
-    def logits(self, x, *, batch_size: int = 65536) -> torch.Tensor:
+    def logits(self, x, *, batch_size: int | None = None) -> torch.Tensor:
         xs = self._rows(x)  # raw features: the graph normalizes
+        batch_size = batch_size or self.predict_rows
         out = [
             self.session.run(None, {self._input: xs[i : i + batch_size]})[0]
             for i in range(0, len(xs), batch_size)

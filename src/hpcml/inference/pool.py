@@ -159,7 +159,7 @@ class WorkerPool:
     """`workers` processes predicting with the model dir: this one and `workers - 1` warm helpers.
 
     with WorkerPool("runs/x/model", workers=2) as pool:
-        y = pool.predict(x, batch_size=65536, probabilities=False)   # = load_model(...).predict(x)
+        y = pool.predict(x, probabilities=False)   # = load_model(...).predict(x)
 
     Each process uses `threads` torch threads (default cores // workers). The helpers start in the
     background when the pool is made; the first call does not wait for them. `model`: this process's
@@ -233,7 +233,7 @@ class WorkerPool:
                 h.conn.close()
 
     def predict(
-        self, x: np.ndarray, *, start: int = 0, batch_size: int = 65536, probabilities: bool = False
+        self, x: np.ndarray, *, start: int = 0, batch_size: int | None = None, probabilities: bool = False
     ) -> np.ndarray:
         """Rows [start:] of x predicted, in order, in chunks shared out between this process and the
         helpers; equal to Model.predict(x, batch_size)[start:] (see SAME_KERNEL_ROWS)."""
@@ -244,6 +244,7 @@ class WorkerPool:
                 self.close()
                 raise h._fail("it exited")
         x, n = np.ascontiguousarray(x), len(x)
+        batch_size = batch_size or self.model.predict_rows  # helpers get the number: same cuts
         self.rows_last_call = [0] * self.workers
         with torch_threads(self.threads):
             # one row first: the output's dtype and shape, and a bad input fails here, before any helper

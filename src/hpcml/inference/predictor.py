@@ -66,6 +66,16 @@ class Decision:
     reason: str
 
 
+def check_batch_size(batch_size: Any) -> None:
+    if batch_size is None or (
+        isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1
+    ):
+        return
+    raise UsageError(
+        f"batch_size must be a whole number >= 1 (or None: the model's default), got {batch_size!r}"
+    )
+
+
 def check_workers(workers: Any) -> None:
     if workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
         return
@@ -127,11 +137,12 @@ class Predictor:
         """The helper processes' pids (empty without a pool)."""
         return [] if self.pool is None else self.pool.pids
 
-    def predict(self, x: Any, *, probabilities: bool = False, batch_size: int = 65536) -> np.ndarray:
+    def predict(self, x: Any, *, probabilities: bool = False, batch_size: int | None = None) -> np.ndarray:
         """Every row of x (array or tensor), in order: what Model.predict / predict_proba gives.
-        Calls from several threads take turns (they would share the same cores and helpers)."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise UsageError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        `batch_size`: rows per forward pass (default: the model's `predict_rows`). Calls from several
+        threads take turns (they would share the same cores and helpers)."""
+        check_batch_size(batch_size)
+        batch_size = batch_size or self.model.predict_rows
         x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
         with self._lock:
             return self._predict(x, {"batch_size": batch_size, "probabilities": probabilities})
@@ -181,8 +192,12 @@ class Predictor:
             if workers > 1:
                 parts.append(self._pool.predict(x, start=done, **kw))
                 done = n
-            while done < n:
+            while done < n and done % kw["batch_size"]:  # the rest of the batch in progress
                 run(kw["batch_size"], threads)
+            if done < n:  # then whole batches from a batch start: one call, cut where workers=1 cuts
+                with torch_threads(threads):
+                    parts.append(forward(self.model, x[done:], **kw))
+                done = n
             self._decide(workers, threads, f"auto: {workers} worker{'s' if workers > 1 else ''}: {why}")
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
 

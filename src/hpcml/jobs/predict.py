@@ -27,7 +27,7 @@ from hpcml.errors import UsageError
 from hpcml.inference.columns import choose_columns as _choose
 from hpcml.inference.columns import schema_columns
 from hpcml.inference.columns import table_matrix as _matrix
-from hpcml.inference.predictor import Predictor, check_workers
+from hpcml.inference.predictor import Predictor, check_batch_size, check_workers
 from hpcml.jobs.tasks import check_backend
 
 __all__ = ["predict_parallel", "checked_input", "read_input", "write_output", "OUTPUT_FORMATS"]
@@ -43,7 +43,7 @@ def predict_parallel(
     workers: int | str = "auto",
     backend: str = "local",
     address: str | None = None,
-    batch_size: int = 65536,
+    batch_size: int | None = None,
     probabilities: bool = False,
     output: str | Path | None = None,
     stats: dict[str, Any] | None = None,
@@ -64,8 +64,7 @@ def predict_parallel(
     folded in; needs `pip install 'hpcml[onnx]'`) instead of torch.
     """
     t0 = time.perf_counter()
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    check_batch_size(batch_size)
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
     check_workers(workers)

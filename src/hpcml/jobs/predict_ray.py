@@ -40,6 +40,7 @@ def predict_ray(model_dir: Any, data: Any, *, workers: int | str, backend: str, 
     # verified here first: a bad dir fails before any worker starts
     model = load_runtime(model_dir, runtime="torch", trust_code=trust_code, threads=available_cores())
     x, name = checked_input(data, model, kw["probabilities"])
+    kw["batch_size"] = kw["batch_size"] or model.predict_rows  # every shard cuts where one process would
     where = str(Path(model_dir).absolute())  # workers run elsewhere (Ray has its own cwd)
     result = _predict_sharded(runner, where, x, trust_code=trust_code, runtime=runtime, **kw)
     return model, x, name, result, workers, why

