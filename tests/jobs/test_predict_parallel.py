@@ -231,7 +231,7 @@ class _SlowHere:
 
     def __init__(self, model):
         self.model = model
-        self.predict_rows = model.predict_rows
+        self.rows_per_forward = model.rows_per_forward
 
     def predict(self, x, **kw):
         time.sleep(0.05)
@@ -348,3 +348,31 @@ def test_auto_chooses_workers_from_the_measured_rates():
     # a short input: the start-up would eat the gain; a warm pool has none
     assert choose(100_000, 100_000, 2.0, rows=150_000)[0] == 1
     assert choose(100_000, 100_000, 2.0, rows=150_000, startup=0.0, pool_workers=2)[0] == 2
+
+
+def test_chunks_from_a_batch_start_are_whole_batches():
+    from hpcml.inference.forward import SAME_KERNEL_ROWS, chunk_stop
+
+    assert chunk_stop(0, 5000, 10_000, 1024) == 4096  # 4 whole batches
+    assert chunk_stop(4096, 100_000, 10_000, 1024) == 10_000  # to the end
+    assert chunk_stop(256, 5000, 10_000, 1024) == 1024  # mid-batch: up to the batch's end
+    assert chunk_stop(0, 256, 10_000, 1024) == 256  # less than a batch: a piece of it
+    assert chunk_stop(0, 900, 10_000, 1024) == 1024  # ... never leaving less than SAME_KERNEL_ROWS
+    assert 1024 - 900 < SAME_KERNEL_ROWS
+
+
+def test_auto_with_a_pool_gives_the_rows_of_one_process(model_dir, x, monkeypatch):
+    """auto's path into a pool (calibration chunks here, the rest from `start` in the pool) keeps
+    every row equal to Model.predict's; the decision itself is forced (it is tested above)."""
+    import hpcml.inference.predictor as predictor
+
+    monkeypatch.setattr(predictor, "MIN_POOL_SECONDS", 0.0)
+    monkeypatch.setattr(predictor, "STARTUP_SECONDS", 0.0)
+    monkeypatch.setattr(predictor, "CALIBRATE_SECONDS", 0.0)  # stop measuring after the second chunk
+    monkeypatch.setattr(predictor, "choose_workers", lambda **kw: (2, 1, "forced by the test"))
+    rows = np.tile(x, (40, 1))
+    with hpcml.Predictor(model_dir) as p:
+        got = p.predict(rows)
+        assert p.decision.workers == 2 and p.decision.reason == "auto: 2 workers: forced by the test"
+        assert sum(p.pool.rows_last_call) < len(rows)  # the calibration rows were predicted here first
+    np.testing.assert_array_equal(got, hpcml.load_model(model_dir).predict(rows))

@@ -88,11 +88,18 @@ def test_onecycle_matches_torch_and_survives_short_runs(total):
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
-def test_lean_fused_step_equals_torch_optimizer(name):
+def test_lean_fused_step_equals_torch_optimizer(name, monkeypatch):
     """The lean step (training/optim.py) gives torch's Adam/AdamW weights and state, bit for bit,
     including a parameter without a gradient and a resume through state_dict mid-way."""
     import copy
 
+    from hpcml.training.optim import _LeanFusedStep
+
+    torch_steps = []  # steps of ours that went through torch's own step (the lean path must take the rest)
+    real = _LeanFusedStep._torch_step
+    monkeypatch.setattr(
+        _LeanFusedStep, "_torch_step", lambda self, c: (torch_steps.append(1), real(self, c))[1]
+    )
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     frozen = torch.nn.Parameter(torch.ones(4))  # never gets a gradient
@@ -124,3 +131,4 @@ def test_lean_fused_step_equals_torch_optimizer(name):
     for k in sa:
         assert all(torch.equal(sa[k][f], sb[k][f]) for f in ("step", "exp_avg", "exp_avg_sq"))
     assert float(sa[0]["step"]) == 7.0
+    assert len(torch_steps) == 1  # the first step makes the state; the other 6 (after a resume too) are lean

@@ -22,8 +22,9 @@ def _models(ctx: Context) -> dict[str, dict[str, Any]]:
     """The runs compared: the default recipe as `hpcml train` runs it, the throughput MLP, and the
     compute-bound MLP of the MFU case (fewer rows)."""
     from hpcml.bench.cases import mfu_config
+    from hpcml.models.registry import recipe_for
 
-    epochs = 8 if ctx.suite.name == "full" else 4  # the default recipe is 8 epochs (registry.RECIPES)
+    epochs = recipe_for("convnet1d")["epochs"] if ctx.suite.name == "full" else 4
     big = mfu_config(ctx, rows=4096 if ctx.suite.name == "full" else 2048, epochs=1)
     big.pop("threads", None), big.pop("device", None), big.pop("seed", None)
     return {

@@ -107,7 +107,8 @@ class Batcher:
             if not idx:
                 continue
             x = np.concatenate([batch[k].x for k in idx])
-            y = self.model.predict_proba(x) if proba else self.model.predict(x)
+            kw = {"batch_size": self.max_batch}  # one forward per batch, as --max-batch documents
+            y = self.model.predict_proba(x, **kw) if proba else self.model.predict(x, **kw)
             bounds = np.cumsum([0] + [len(batch[k].x) for k in idx])
             for k, a, b in zip(idx, bounds[:-1], bounds[1:], strict=True):
                 outs[k] = y[a:b]

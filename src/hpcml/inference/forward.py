@@ -31,8 +31,12 @@ def load_runtime(model_dir: Any, *, runtime: str, trust_code: bool, threads: int
 
 def chunk_stop(start: int, rows: int, n: int, batch_size: int) -> int:
     """The end of a chunk of about `rows` rows from `start` (a batch start, or a previous chunk's
-    end), keeping to SAME_KERNEL_ROWS: within the batch of Model.predict(x[:n], batch_size) that
-    holds `start`, and no smaller piece of that batch left before or after it."""
+    end), keeping to SAME_KERNEL_ROWS. From a batch start, a chunk of `rows` >= batch_size is whole
+    batches (Model.predict cuts it where it would cut x[:n]); otherwise it stays within the batch of
+    Model.predict(x[:n], batch_size) that holds `start`, with no smaller piece of that batch left
+    before or after it."""
+    if start % batch_size == 0 and rows >= batch_size:
+        return min(n, start + rows // batch_size * batch_size)
     end = min((start // batch_size + 1) * batch_size, n)
     stop = min(start + max(rows, SAME_KERNEL_ROWS), end)
     return end if end - stop < SAME_KERNEL_ROWS else stop

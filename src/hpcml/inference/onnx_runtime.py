@@ -60,7 +60,7 @@ class OnnxModel(Model):
 
     def logits(self, x, *, batch_size: int | None = None) -> torch.Tensor:
         xs = self._rows(x)  # raw features: the graph normalizes
-        batch_size = batch_size or self.predict_rows
+        batch_size = self.rows_per_forward(batch_size)
         out = [
             self.session.run(None, {self._input: xs[i : i + batch_size]})[0]
             for i in range(0, len(xs), batch_size)

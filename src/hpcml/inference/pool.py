@@ -244,7 +244,7 @@ class WorkerPool:
                 self.close()
                 raise h._fail("it exited")
         x, n = np.ascontiguousarray(x), len(x)
-        batch_size = batch_size or self.model.predict_rows  # helpers get the number: same cuts
+        batch_size = self.model.rows_per_forward(batch_size)  # helpers get the number: same cuts
         self.rows_last_call = [0] * self.workers
         with torch_threads(self.threads):
             # one row first: the output's dtype and shape, and a bad input fails here, before any helper

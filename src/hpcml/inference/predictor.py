@@ -142,7 +142,7 @@ class Predictor:
         `batch_size`: rows per forward pass (default: the model's `predict_rows`). Calls from several
         threads take turns (they would share the same cores and helpers)."""
         check_batch_size(batch_size)
-        batch_size = batch_size or self.model.predict_rows
+        batch_size = self.model.rows_per_forward(batch_size)
         x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
         with self._lock:
             return self._predict(x, {"batch_size": batch_size, "probabilities": probabilities})

@@ -40,14 +40,18 @@ def predict_ray(model_dir: Any, data: Any, *, workers: int | str, backend: str, 
     # verified here first: a bad dir fails before any worker starts
     model = load_runtime(model_dir, runtime="torch", trust_code=trust_code, threads=available_cores())
     x, name = checked_input(data, model, kw["probabilities"])
-    kw["batch_size"] = kw["batch_size"] or model.predict_rows  # every shard cuts where one process would
+    kw["batch_size"] = model.rows_per_forward(kw["batch_size"])
     where = str(Path(model_dir).absolute())  # workers run elsewhere (Ray has its own cwd)
     result = _predict_sharded(runner, where, x, trust_code=trust_code, runtime=runtime, **kw)
     return model, x, name, result, workers, why
 
 
 def _predict_sharded(runner: Runner, model_dir: str, x: np.ndarray, **kw: Any) -> np.ndarray:
-    bounds = np.linspace(0, len(x), runner.workers + 1).astype(int)
+    # shards of whole batches: each cuts its rows where Model.predict(x) would, so rows equal W=1's
+    batches = -(-len(x) // kw["batch_size"])
+    bounds = np.minimum(
+        np.linspace(0, batches, runner.workers + 1).round().astype(int) * kw["batch_size"], len(x)
+    )
     with runner:
         shared = runner.share(np.ascontiguousarray(x))
         tasks = [

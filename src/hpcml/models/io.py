@@ -95,7 +95,7 @@ class Model:
         """Rows per forward pass by default (see PREDICT_CACHE_BYTES): from the widest output of any
         layer on one row of zeros. The same model gives the same number in every process, so
         parallel predict cuts the rows where one process would."""
-        lo, hi = PREDICT_ROWS_RANGE
+        lo, hi = PREDICT_ROWS_RANGE  # cached: a model moved to another device keeps its number
         if self.device.type != "cpu":
             return hi
         widest = [1]
@@ -115,11 +115,21 @@ class Model:
                 h.remove()
         return int(min(hi, max(lo, PREDICT_CACHE_BYTES // (4 * widest[0]))))
 
+    def rows_per_forward(self, batch_size: int | None) -> int:
+        """`batch_size` checked, or `predict_rows` for None: the one place a default is resolved."""
+        if batch_size is None:
+            return self.predict_rows
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise UsageError(
+                f"batch_size must be a whole number >= 1 (or None: the model's default), got {batch_size!r}"
+            )
+        return batch_size
+
     @torch.inference_mode()
     def logits(self, x, *, batch_size: int | None = None) -> torch.Tensor:
         """Raw outputs for each row of x, `batch_size` rows per forward (default `predict_rows`)."""
         xs = torch.from_numpy(self._prepare(x))
-        device, batch_size = self.device, batch_size or self.predict_rows
+        device, batch_size = self.device, self.rows_per_forward(batch_size)
         out = [
             self.module(xs[i : i + batch_size].to(device)).float().cpu()
             for i in range(0, len(xs), batch_size)

@@ -75,9 +75,15 @@ DEFAULT_RECIPE: dict[str, float | int] = {"lr": 1e-2, "epochs": 10}
 RECIPES: dict[str, dict[str, float | int]] = {"convnet1d": {"lr": 3e-2, "epochs": 8}}
 
 
-def recipe_for(name: str) -> dict[str, float | int]:
-    """The default lr and epochs for model `name` (built-in, plugin or module:function)."""
-    return {**DEFAULT_RECIPE, **RECIPES.get(name, {})}
+RECIPE_OPTIM = ("adamw", "onecycle")  # what the recipes were measured with
+
+
+def recipe_for(name: str, *, optimizer: str = "adamw", schedule: str = "onecycle") -> dict[str, float | int]:
+    """The default lr and epochs for model `name` (built-in, plugin or module:function). A model's own
+    recipe holds for AdamW + onecycle, what it was measured with; other optimizers or schedules get
+    the generic one."""
+    own = RECIPES.get(name, {}) if (optimizer, schedule) == RECIPE_OPTIM else {}
+    return {**DEFAULT_RECIPE, **own}
 
 
 def default_model_for(kind: str) -> str:

@@ -42,7 +42,8 @@ class SmoothedCrossEntropy(nn.Module):
         self.eps = eps
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if logits.dim() == 2 and y.dim() == 1 and not y.is_floating_point() and len(y) > 0:
+        fast = logits.dim() == 2 and y.dim() == 1 and y.dtype == torch.long and len(y) > 0
+        if fast and logits.dtype in (torch.float32, torch.bfloat16, torch.float16):
             return _SmoothedCE.apply(logits, y, self.eps)
         return F.cross_entropy(logits, y, label_smoothing=self.eps)
 

@@ -25,7 +25,6 @@ class _LeanFusedStep:
     per training step, weights equal.
     """
 
-    _fused_kernel: Any = None
     _lean_groups: tuple[int, bool] | None = None  # (groups checked, all of them fit the lean step)
 
     def _lean_fits(self) -> bool:
@@ -40,6 +39,18 @@ class _LeanFusedStep:
             self._lean_groups = (len(self.param_groups), fits)
         return self._lean_groups[1]
 
+    _kernel_broken = False  # set once if torch's fused kernel refuses the arguments
+
+    def _torch_step(self, closure: Any) -> Any:
+        """torch's own step, without running the step hooks a second time (torch wraps both steps)."""
+        step = super().step  # type: ignore[misc]
+        inner = getattr(step, "__wrapped__", None)
+        return inner(self, closure) if inner is not None else step(closure)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self._lean_groups = None  # the groups' flags may have changed
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[no-untyped-def]
         lean = (
@@ -49,8 +60,8 @@ class _LeanFusedStep:
             and self._lean_fits()
             and all(p in self.state for g in self.param_groups for p in g["params"] if p.grad is not None)
         )
-        if not lean:
-            return super().step(closure)  # type: ignore[misc]
+        if not lean or _LeanFusedStep._kernel_broken:
+            return self._torch_step(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -59,21 +70,27 @@ class _LeanFusedStep:
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1)
             beta1, beta2 = group["betas"]
-            type(self)._fused_kernel(
-                params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
-                beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-                grad_scale=None, found_inf=None,
-            )  # fmt: skip
+            kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
+            try:
+                kernel(
+                    params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
+                    beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                    grad_scale=None, found_inf=None,
+                )  # fmt: skip
+            except TypeError:  # a torch whose private kernel takes other arguments: torch's step from now on
+                torch._foreach_sub_(steps, 1)
+                _LeanFusedStep._kernel_broken = True
+                return self._torch_step(closure)
         return None
 
 
 class LeanAdam(_LeanFusedStep, torch.optim.Adam):
-    _fused_kernel = staticmethod(torch._fused_adam_)
+    pass
 
 
 class LeanAdamW(_LeanFusedStep, torch.optim.AdamW):
-    _fused_kernel = staticmethod(torch._fused_adamw_)
+    pass
 
 
 def _fast_kwargs(cls: type[torch.optim.Optimizer], device: torch.device) -> dict:

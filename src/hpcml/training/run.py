@@ -42,7 +42,7 @@ def resolve_defaults(cfg: TrainConfig, data: Dataset) -> TrainConfig:
     if cfg.model.name == "auto":
         model = cfg.model.model_copy(update={"name": default_model_for(data.kind)})
         cfg = cfg.model_copy(update={"model": model})
-    recipe = recipe_for(cfg.model.name)
+    recipe = recipe_for(cfg.model.name, optimizer=cfg.optim.name, schedule=cfg.optim.schedule)
     if cfg.optim.lr is None:
         cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": recipe["lr"]})})
     if cfg.epochs is None:
