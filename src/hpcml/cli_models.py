@@ -89,7 +89,7 @@ def models(
     rows = describe_models()
     costs: dict[str, dict[str, Any]] = {}
     if shape is not None:
-        from hpcml.cli import _parse_pairs
+        from hpcml.cli_train import _parse_pairs
         from hpcml.models.flops import builtin_costs
 
         costs = builtin_costs(_shape(shape), classes, _parse_pairs(model_kw or [], "--model-kw"))
