@@ -13,9 +13,10 @@ workers=1 predicts in this process with every core as a torch thread. workers=W 
 2. As soon as the time left is short next to a pool's start-up (STARTUP_SECONDS + this model's
    load time; 0 for a pool already warm) or MIN_POOL_SECONDS, the rest is predicted here in one
    call: small inputs never pay for processes, nor for more than a chunk or two of measuring.
-3. Otherwise one more chunk runs on 1 thread. The pool's estimate (`choose_workers`): this process
-   alone until the helpers are ready, then one 1-thread process per core, at that rate where the
-   cores are free and at their share of the CPU where other processes keep cores busy
+3. Otherwise one more chunk (about CALIBRATE_SECONDS of work) runs on 1 thread. The pool's
+   estimate (`choose_workers`): this process alone until the helpers are ready, then one 1-thread
+   process per core, at that rate where the cores are free and at their share of the CPU where
+   other processes keep cores busy
    (training.precision.free_cores, sampled only now). The pool is used if it is estimated at least
    1/PAYS times faster than this process with its faster thread count (all cores, or 1 on a busy
    machine, where OpenMP threads stall).
@@ -215,8 +216,10 @@ class Predictor:
             total = time.perf_counter() - t0 + here
             why = "1 core" if cores < 2 else f"{n:,} rows take ~{total:.2f} s here"
             return finish(1, cores, f"{why}; starting workers takes ~{startup:.1f} s")
-        # a pool could pay: one chunk on 1 thread, the rate each pool process would have
-        rows, seconds = run(rows, 1)
+        # a pool could pay: one chunk on 1 thread, the rate each pool process would have, sized to take
+        # about CALIBRATE_SECONDS if one thread does 1/cores of the work (it runs slower than all cores
+        # on an idle machine: the same rows as the last chunk cost ~3% of a 1M-row call here)
+        rows, seconds = run(max(256, int(rows * CALIBRATE_SECONDS / seconds / cores)), 1)
         warm = None if self.pool is None else self.pool.workers
         workers, threads, why = choose_workers(
             rows=n - done, rate_all=rows_all / seconds_all, rate_one=rows / seconds, cores=cores,
