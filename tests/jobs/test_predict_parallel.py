@@ -376,3 +376,14 @@ def test_auto_with_a_pool_gives_the_rows_of_one_process(model_dir, x, monkeypatc
         assert p.decision.workers == 2 and p.decision.reason == "auto: 2 workers: forced by the test"
         assert sum(p.pool.rows_last_call) < len(rows)  # the calibration rows were predicted here first
     np.testing.assert_array_equal(got, hpcml.load_model(model_dir).predict(rows))
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True])
+def test_a_bad_batch_size_is_a_usage_error_before_any_worker(model_dir, x, bad):
+    from hpcml.errors import UsageError
+    from hpcml.jobs.predict import predict_parallel
+
+    with pytest.raises(UsageError, match=r"batch_size must be a whole number >= 1"):
+        predict_parallel(model_dir, x, workers=2, batch_size=bad)
+    with pytest.raises(UsageError, match=r"batch_size must be a whole number >= 1"):
+        hpcml.load_model(model_dir).predict(x, batch_size=bad)

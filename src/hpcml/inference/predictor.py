@@ -67,16 +67,6 @@ class Decision:
     reason: str
 
 
-def check_batch_size(batch_size: Any) -> None:
-    if batch_size is None or (
-        isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1
-    ):
-        return
-    raise UsageError(
-        f"batch_size must be a whole number >= 1 (or None: the model's default), got {batch_size!r}"
-    )
-
-
 def check_workers(workers: Any) -> None:
     if workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1):
         return
@@ -142,7 +132,6 @@ class Predictor:
         """Every row of x (array or tensor), in order: what Model.predict / predict_proba gives.
         `batch_size`: rows per forward pass (default: the model's `predict_rows`). Calls from several
         threads take turns (they would share the same cores and helpers)."""
-        check_batch_size(batch_size)
         batch_size = self.model.rows_per_forward(batch_size)
         x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
         with self._lock:

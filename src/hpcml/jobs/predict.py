@@ -27,7 +27,7 @@ from hpcml.errors import UsageError
 from hpcml.inference.columns import choose_columns as _choose
 from hpcml.inference.columns import schema_columns
 from hpcml.inference.columns import table_matrix as _matrix
-from hpcml.inference.predictor import Predictor, check_batch_size, check_workers
+from hpcml.inference.predictor import Predictor, check_workers
 from hpcml.jobs.tasks import check_backend
 
 __all__ = ["predict_parallel", "checked_input", "read_input", "write_output", "OUTPUT_FORMATS"]
@@ -64,7 +64,9 @@ def predict_parallel(
     folded in; needs `pip install 'hpcml[onnx]'`) instead of torch.
     """
     t0 = time.perf_counter()
-    check_batch_size(batch_size)
+    from hpcml.models.io import check_batch_size  # torch: imported when a predict runs
+
+    check_batch_size(batch_size)  # before any worker starts
     if runtime not in RUNTIMES:
         raise UsageError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
     check_workers(workers)

@@ -52,6 +52,17 @@ PREDICT_CACHE_BYTES = 2 << 20
 PREDICT_ROWS_RANGE = (64, 65536)
 
 
+def check_batch_size(batch_size: Any) -> None:
+    """A predict batch size: a whole number >= 1, or None (the model's `predict_rows`)."""
+    if batch_size is None or (
+        isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1
+    ):
+        return
+    raise UsageError(
+        f"batch_size must be a whole number >= 1 (or None: the model's default), got {batch_size!r}"
+    )
+
+
 class Model:
     """A trained model ready to predict: the module, its preprocessing, and its metadata."""
 
@@ -117,13 +128,8 @@ class Model:
 
     def rows_per_forward(self, batch_size: int | None) -> int:
         """`batch_size` checked, or `predict_rows` for None: the one place a default is resolved."""
-        if batch_size is None:
-            return self.predict_rows
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise UsageError(
-                f"batch_size must be a whole number >= 1 (or None: the model's default), got {batch_size!r}"
-            )
-        return batch_size
+        check_batch_size(batch_size)
+        return self.predict_rows if batch_size is None else batch_size
 
     @torch.inference_mode()
     def logits(self, x, *, batch_size: int | None = None) -> torch.Tensor:
